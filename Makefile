@@ -1,0 +1,81 @@
+# rooftop-pv: `make all` runs the pipeline on the sample, `make test` runs the tests.
+# Targets are real files, so an unchanged input rebuilds nothing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/shanghai.yaml
+SAMPLE_DIR ?= ../shared/data/shanghai
+SCHEDULER ?=
+RAW := data/raw
+PROC := data/processed
+OUT := outputs
+EPW := $(RAW)/weather/CHN_Shanghai.Shanghai.583670_IWEC.epw
+SAMPLE_STAMP := $(RAW)/shanghai/.complete
+RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
+
+.PHONY: all install data ingest classify roof yield report test lint clean distclean
+
+all: $(OUT)/rooftop_pv.gpkg $(OUT)/report.md
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# ---- data: the real sample (copied from SAMPLE_DIR) and the IWEC weather file (from PyPI)
+data: $(SAMPLE_STAMP) $(EPW)
+
+$(SAMPLE_STAMP): $(shell find $(SAMPLE_DIR) -type f 2>/dev/null) | $(VENV)/.installed
+	$(PY) -m pipeline.data copy-sample --src $(SAMPLE_DIR) --dest $(RAW)/shanghai
+	touch $@
+
+$(EPW): | $(VENV)/.installed
+	$(PY) -m pipeline.data fetch-epw --out $@
+
+# ---- stages: GeoParquet between stages, GeoPackage at the end
+ingest: $(PROC)/ingest_buildings.parquet
+$(PROC)/ingest_buildings.parquet $(PROC)/ingest_areas.parquet $(PROC)/ingest_pois.parquet \
+$(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
+		$(SAMPLE_STAMP) pipeline/ingest.py $(COMMON)
+	$(RUN) --stage ingest
+
+classify: $(PROC)/classify_buildings.parquet
+$(PROC)/classify_buildings.parquet: $(PROC)/ingest_buildings.parquet pipeline/classify.py \
+		configs/classification.yaml $(COMMON)
+	$(RUN) --stage classify
+
+roof: $(PROC)/roof_buildings.parquet
+$(PROC)/roof_buildings.parquet: $(PROC)/classify_buildings.parquet pipeline/roof.py $(COMMON)
+	$(RUN) --stage roof
+
+yield: $(PROC)/yield_buildings.parquet
+$(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/roof_buildings.parquet \
+		$(EPW) pipeline/pvyield.py pipeline/weather.py $(COMMON)
+	$(RUN) --stage yield
+
+report: $(OUT)/rooftop_pv.gpkg
+$(OUT)/rooftop_pv.gpkg $(OUT)/report.md &: $(PROC)/yield_buildings.parquet \
+		$(PROC)/ingest_rejected.parquet pipeline/report.py $(COMMON)
+	$(RUN) --stage report
+
+# ---- checks
+lint: $(VENV)/.installed
+	$(PY) -m ruff check pipeline tests bench
+
+test: $(VENV)/.installed data lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(PROC)/* $(OUT)/*
+	touch $(PROC)/.gitkeep $(OUT)/.gitkeep
+
+distclean: clean
+	rm -rf $(RAW)/shanghai $(RAW)/weather $(VENV)

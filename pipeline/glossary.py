@@ -1,0 +1,108 @@
+"""One glossary of the column names used across stages, with units.
+
+Every stage reads and writes columns named here; a name carries its unit
+(``_m2``, ``_kwp``, ``_deg``, ``_kwh_per_kwp``, ``_mwh_per_year``). The
+``GLOSSARY`` mapping is the single source of truth for descriptions shown in
+the report and as field aliases in the GeoPackage.
+"""
+
+from __future__ import annotations
+
+#: Canonical attribute columns that ingest fills from each source's column
+#: mapping (``configs/*.yaml`` ``sources[].columns``). Missing ones are null.
+ATTRIBUTE_COLUMNS: tuple[str, ...] = (
+    "name",
+    "name_en",
+    "tag_building",
+    "tag_amenity",
+    "tag_office",
+    "tag_landuse",
+    "tag_government",
+    "tag_industrial",
+    "tag_building_use",
+    "tag_shop",
+    "tag_roof_shape",
+    "land_use_code",
+    "class_field",
+    "subtype_field",
+    "addr_street",
+    "height_attr_m",
+    "levels_attr",
+)
+
+GLOSSARY: dict[str, str] = {
+    # identity and place
+    "building_id": "stable id of the building in this pipeline: '<source>:<source_id>'",
+    "source": "name of the input source the feature came from (config sources[].name)",
+    "source_id": "id of the feature in its source (OSM 'way/123', CBDC BuildingID, tile patch)",
+    "district_name": "district the footprint centroid lies in (Chinese name)",
+    "district_adcode": "administrative code of that district",
+    # attributes (canonical, from the per-source column mapping)
+    "name": "name of the building or feature (Chinese where known)",
+    "name_en": "English name",
+    "tag_building": "OSM building=* value",
+    "tag_amenity": "OSM amenity=* value",
+    "tag_office": "OSM office=* value",
+    "tag_landuse": "OSM landuse=* value",
+    "tag_government": "OSM government=* value",
+    "tag_industrial": "OSM industrial=* value",
+    "tag_building_use": "OSM building:use=* value",
+    "tag_shop": "OSM shop=* value",
+    "tag_roof_shape": "OSM roof:shape=* value",
+    "land_use_code": "survey land-use code (CBDC landUseTyp, or GB 50137-2011 code)",
+    "class_field": "dataset's own building class (e.g. Overture class)",
+    "subtype_field": "dataset's own building subtype (e.g. Overture subtype)",
+    "addr_street": "street of the address",
+    "height_attr_m": "height from the source attributes [m]",
+    "levels_attr": "number of storeys from the source attributes [-]",
+    # geometry measures
+    "footprint_area_m2": "footprint area in the metric working CRS [m2]",
+    "height_m": "building height used by the roof stage [m]",
+    "height_source": "where height_m came from (attribute, levels, raster, default)",
+    # classification
+    "building_type": "government, school, factory, hospital, other_public, commercial, "
+    "residential, other or unknown",
+    "type_source": "evidence that set building_type (tag, survey_code, containing_area, "
+    "poi, name, default, override)",
+    "type_confidence": "high, medium or low",
+    # roof
+    "roof_kind": "flat or pitched",
+    "roof_kind_source": "where roof_kind came from (tag, rule)",
+    "setback_area_m2": "roof area left after the edge setback [m2]",
+    "usable_area_m2": "roof area that can carry PV arrays (after setback, utilisation "
+    "and minimum array area) [m2]",
+    "tilt_deg": "module tilt from horizontal [deg]",
+    "azimuth_deg": "module azimuth, clockwise from north (180 = south) [deg]",
+    "gcr": "ground coverage ratio: module area / usable roof area [-]",
+    "module_area_m2": "module area on the roof = usable_area_m2 * gcr [m2]",
+    "capacity_kwp": "installable DC capacity on the whole usable area [kWp]",
+    "coverage_share": "policy share of roof area to carry PV for this building type [-]",
+    "policy_area_m2": "roof area under PV at the policy coverage share, "
+    "capped at usable_area_m2 [m2]",
+    "capacity_policy_kwp": "capacity at the policy coverage share [kWp]",
+    "suitable": "whether the roof can carry PV at all",
+    "unsuitable_reason": "why not, when suitable is false",
+    # yield
+    "specific_yield_kwh_per_kwp": "annual AC energy per kWp of DC capacity [kWh/kWp]",
+    "energy_mwh_per_year": "annual AC energy of capacity_kwp [MWh/yr]",
+    "energy_policy_mwh_per_year": "annual AC energy of capacity_policy_kwp [MWh/yr]",
+    # rejected
+    "reason": "why the feature was not kept",
+    "stage": "stage that rejected it",
+}
+
+
+def describe(column: str) -> str:
+    """Return the glossary description of a column.
+
+    Parameters
+    ----------
+    column : str
+        Column name.
+
+    Returns
+    -------
+    str
+        The description, or an empty string for columns not in the glossary.
+    """
+    return GLOSSARY.get(column, "")

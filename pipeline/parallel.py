@@ -1,0 +1,177 @@
+"""Dask driver: the only module that touches Dask.
+
+Stages hand a plain geopandas kernel (a module-level function, so it pickles)
+to :func:`map_partitions`; the frame is sorted along a Hilbert curve so that
+each partition is a compact patch of the map, split into partitions, and the
+kernel runs once per partition with ``dask_geopandas``'s ``map_partitions``.
+The output ``meta`` comes from running the kernel on the empty frame.
+
+The scheduler is chosen once per run with :func:`scheduler_context`:
+``synchronous`` (serial, for debugging and the equality test), ``threads``,
+``processes``, or the address of an existing ``dask.distributed`` scheduler
+(``tcp://host:port``), or ``local-cluster`` for a ``LocalCluster`` started
+for the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import geopandas as gpd
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that, when set, overrides the configured scheduler.
+SCHEDULER_ENV = "ROOFTOP_PV_SCHEDULER"
+
+_STATE: dict[str, Any] = {"npartitions": None, "rows_per_partition": 50_000}
+
+
+@contextlib.contextmanager
+def scheduler_context(
+    scheduler: str = "threads",
+    n_workers: int | None = None,
+    npartitions: int | None = None,
+    rows_per_partition: int = 50_000,
+) -> Iterator[str]:
+    """Run the enclosed stages on the chosen Dask scheduler.
+
+    Parameters
+    ----------
+    scheduler : str
+        ``synchronous``, ``threads``, ``processes``, ``local-cluster`` or a
+        ``tcp://host:port`` address of a running ``dask.distributed`` scheduler.
+        The environment variable ``ROOFTOP_PV_SCHEDULER`` overrides it.
+    n_workers : int, optional
+        Workers for ``threads``, ``processes`` and ``local-cluster``
+        (default: the number of cores).
+    npartitions : int, optional
+        Fixed number of partitions per stage; by default it follows from
+        ``rows_per_partition`` with at least one partition per worker.
+    rows_per_partition : int
+        Target number of buildings per partition [rows].
+
+    Yields
+    ------
+    str
+        The scheduler in use.
+    """
+    import dask
+
+    scheduler = os.environ.get(SCHEDULER_ENV, scheduler)
+    n_workers = n_workers or os.cpu_count() or 1
+    previous = dict(_STATE)
+    _STATE.update(
+        npartitions=npartitions, rows_per_partition=rows_per_partition, workers=n_workers
+    )
+    try:
+        if scheduler.startswith(("tcp://", "tls://", "ucx://")) or scheduler == "local-cluster":
+            from distributed import Client, LocalCluster
+
+            if scheduler == "local-cluster":
+                cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=1, processes=True,
+                    dashboard_address=None,
+                )
+                with cluster, Client(cluster) as client:
+                    _STATE["workers"] = len(client.scheduler_info()["workers"]) or n_workers
+                    log.info("dask: LocalCluster with %d workers", _STATE["workers"])
+                    yield scheduler
+            else:
+                with Client(scheduler) as client:
+                    _STATE["workers"] = len(client.scheduler_info()["workers"]) or 1
+                    log.info("dask: cluster at %s, %d workers", scheduler, _STATE["workers"])
+                    yield scheduler
+        elif scheduler in ("synchronous", "threads", "processes"):
+            kwargs: dict[str, Any] = {"scheduler": scheduler}
+            if scheduler != "synchronous":
+                kwargs["num_workers"] = n_workers
+            with dask.config.set(**kwargs):
+                log.info("dask: %s scheduler, %d workers", scheduler, n_workers)
+                yield scheduler
+        else:
+            raise ValueError(
+                f"unknown dask scheduler {scheduler!r}: use synchronous, threads, processes, "
+                "local-cluster or tcp://host:port (config key dask.scheduler or "
+                f"environment variable {SCHEDULER_ENV})"
+            )
+    finally:
+        _STATE.clear()
+        _STATE.update(previous)
+
+
+def partition_count(n_rows: int) -> int:
+    """Number of partitions for a frame of ``n_rows`` rows.
+
+    Parameters
+    ----------
+    n_rows : int
+        Rows in the frame.
+
+    Returns
+    -------
+    int
+        Partition count: the fixed setting, or enough partitions to keep
+        each under ``rows_per_partition`` and at least one per worker.
+    """
+    if _STATE.get("npartitions"):
+        return max(1, min(int(_STATE["npartitions"]), max(n_rows, 1)))
+    workers = int(_STATE.get("workers") or 1)
+    by_size = math.ceil(n_rows / int(_STATE.get("rows_per_partition") or 50_000))
+    return max(1, min(max(by_size, workers), max(n_rows, 1)))
+
+
+def map_partitions(
+    gdf: gpd.GeoDataFrame, kernel: Callable[..., pd.DataFrame], *args: Any, **kwargs: Any
+) -> gpd.GeoDataFrame | pd.DataFrame:
+    """Apply a per-partition kernel in parallel and return the computed frame.
+
+    Parameters
+    ----------
+    gdf : GeoDataFrame
+        Input rows with a projected CRS. The row order of the result is the
+        input order (rows are re-sorted after the spatial partitioning).
+    kernel : callable
+        Module-level function ``kernel(partition, *args, **kwargs)`` that
+        returns a frame with the same index as ``partition``.
+    *args, **kwargs
+        Passed to the kernel unchanged (small frames such as district
+        boundaries or rule tables are broadcast to every partition).
+
+    Returns
+    -------
+    GeoDataFrame or DataFrame
+        The concatenated kernel output, in input order.
+    """
+    import dask_geopandas
+
+    if not gdf.index.is_unique:
+        raise ValueError("map_partitions needs a unique index")
+    meta = kernel(gdf.iloc[:0].copy(), *args, **kwargs)
+    nparts = partition_count(len(gdf))
+    if len(gdf) == 0 or nparts == 1 and _STATE.get("workers", 1) == 1:
+        return kernel(gdf.copy(), *args, **kwargs)
+    order = _spatial_order(gdf)
+    sorted_gdf = gdf.iloc[order]
+    ddf = dask_geopandas.from_geopandas(sorted_gdf, npartitions=nparts, sort=False)
+    out = ddf.map_partitions(kernel, *args, meta=meta, **kwargs).compute()
+    return out.loc[gdf.index]
+
+
+def _spatial_order(gdf: gpd.GeoDataFrame) -> Any:
+    """Positions of the rows sorted along a Hilbert curve of their centroids."""
+    import numpy as np
+
+    geoms = gdf.geometry
+    valid = ~(geoms.isna() | geoms.is_empty)
+    keys = np.zeros(len(gdf), dtype="int64")
+    if valid.any():
+        sub = gpd.GeoSeries(geoms[valid].values, crs=gdf.crs)
+        keys[valid.to_numpy()] = sub.hilbert_distance().to_numpy()
+    return np.argsort(keys, kind="stable")

@@ -1,0 +1,426 @@
+"""Stage 5, report: district summaries, target verdicts, GeoPackage and Markdown.
+
+Inputs: the yield stage's buildings (``capacity_kwp`` [kWp],
+``capacity_policy_kwp`` [kWp], ``energy_mwh_per_year`` [MWh/yr],
+``usable_area_m2`` [m2], ``footprint_area_m2`` [m2], ``building_type``,
+``district_name``), the ingest stage's rejected features and accounting, the
+district boundaries and the targets in the config.
+
+Outputs
+
+==============================  ========  ==========================================
+column (layer)                  unit      meaning
+==============================  ========  ==========================================
+n_buildings (districts)         -         buildings in the input in the district
+footprint_area_m2               m2        their footprint area
+usable_area_m2                  m2        their usable roof area
+capacity_mw                     MW        capacity on the whole usable area (DC)
+capacity_policy_mw              MW        capacity at the policy coverage shares
+energy_gwh_per_year             GWh/yr    AC energy of capacity_mw
+rule_footprint_area_m2          m2        roof area of the rule's building types
+rule_usable_share               -         their usable / footprint area
+rule_n_below_share              -         rule buildings that cannot reach the share
+rule_verdict                    -         reachable / not reachable / no buildings
+target_required_mw              MW        the district's MW target
+target_achievable_mw            MW        capacity of the target's eligible types
+target_margin_mw                MW        achievable - required
+target_share_needed             -         required / achievable
+target_verdict                  -         reachable / not reachable from the input
+==============================  ========  ==========================================
+
+The ``targets`` table has one row per configured target with the same
+``target_*`` fields; ``district_types`` one row per district and type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
+from pipeline.io import atomic_path
+from pipeline.ingest import load_districts
+
+log = logging.getLogger(__name__)
+
+REACHABLE = "reachable"
+NOT_REACHABLE = "not reachable from the buildings in the input"
+NO_BUILDINGS = "no eligible buildings in the input"
+
+SUMMARY_COLUMNS = {
+    "n_buildings": ("building_id", "count"),
+    "footprint_area_m2": ("footprint_area_m2", "sum"),
+    "usable_area_m2": ("usable_area_m2", "sum"),
+    "capacity_mw": ("capacity_kwp", "sum"),
+    "capacity_policy_mw": ("capacity_policy_kwp", "sum"),
+    "energy_gwh_per_year": ("energy_mwh_per_year", "sum"),
+}
+
+
+def summarise(buildings: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Counts, areas, capacity and energy per group.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        Buildings with the yield-stage columns.
+    by : list of str
+        Grouping columns (e.g. ``["district_name", "building_type"]``).
+
+    Returns
+    -------
+    DataFrame
+        ``n_buildings``, ``footprint_area_m2`` [m2], ``usable_area_m2`` [m2],
+        ``capacity_mw`` [MW], ``capacity_policy_mw`` [MW],
+        ``energy_gwh_per_year`` [GWh/yr] per group.
+    """
+    g = buildings.groupby(by, dropna=False, observed=True).agg(**SUMMARY_COLUMNS)
+    for col in ("capacity_mw", "capacity_policy_mw", "energy_gwh_per_year"):
+        g[col] = g[col] / 1000.0
+    g["n_buildings"] = g["n_buildings"].astype("int64")
+    return g.reset_index()
+
+
+def coverage_rule(buildings: pd.DataFrame, policy: PolicyConfig) -> pd.DataFrame:
+    """Whether the roofs of the rule's building types can carry the rule's share.
+
+    The district-level rule (e.g. Qingpu: government, school and factory roofs
+    reach 50% PV coverage) is reachable where the usable roof area of those
+    types is at least the share of their footprint area. Buildings whose own
+    usable area is below the share are counted too.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        ``district_name``, ``building_type``, ``footprint_area_m2`` [m2],
+        ``usable_area_m2`` [m2].
+    policy : PolicyConfig
+        ``coverage_rule_types`` and ``coverage_rule_share`` [-].
+
+    Returns
+    -------
+    DataFrame
+        Per district: ``rule_n_buildings``, ``rule_footprint_area_m2`` [m2],
+        ``rule_required_area_m2`` [m2], ``rule_usable_area_m2`` [m2],
+        ``rule_usable_share`` [-], ``rule_n_below_share``, ``rule_verdict``.
+    """
+    sel = buildings[buildings["building_type"].isin(policy.coverage_rule_types)].copy()
+    share = policy.coverage_rule_share
+    sel["required"] = share * sel["footprint_area_m2"]
+    sel["below"] = sel["usable_area_m2"] < sel["required"] - 1e-9
+    g = sel.groupby("district_name", observed=True).agg(
+        rule_n_buildings=("building_id", "count"),
+        rule_footprint_area_m2=("footprint_area_m2", "sum"),
+        rule_required_area_m2=("required", "sum"),
+        rule_usable_area_m2=("usable_area_m2", "sum"),
+        rule_n_below_share=("below", "sum"),
+    )
+    g["rule_usable_share"] = g["rule_usable_area_m2"] / g["rule_footprint_area_m2"]
+    g["rule_verdict"] = np.where(
+        g["rule_usable_area_m2"] >= g["rule_required_area_m2"] - 1e-9, REACHABLE,
+        "not reachable: usable roof area below the required share")
+    g["rule_n_below_share"] = g["rule_n_below_share"].astype("int64")
+    return g.reset_index()
+
+
+def target_table(buildings: pd.DataFrame, targets: list[TargetConfig]) -> pd.DataFrame:
+    """One row per MW target: required versus achievable capacity.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        ``district_name``, ``building_type``, ``capacity_kwp`` [kWp],
+        ``capacity_policy_kwp`` [kWp], ``energy_mwh_per_year`` [MWh/yr].
+    targets : list of TargetConfig
+        The configured targets.
+
+    Returns
+    -------
+    DataFrame
+        ``target_id``, ``district_name``, ``period``, ``eligible_types``,
+        ``target_required_mw`` [MW], ``n_eligible_buildings``,
+        ``target_achievable_mw`` [MW], ``target_achievable_policy_mw`` [MW],
+        ``target_margin_mw`` [MW], ``target_share_needed`` [-],
+        ``target_energy_gwh_per_year`` [GWh/yr], ``target_verdict``, ``source``.
+    """
+    rows = []
+    for t in targets:
+        sel = buildings[(buildings["district_name"] == t.district_name)
+                        & buildings["building_type"].isin(t.eligible_types)]
+        achievable = float(sel["capacity_kwp"].sum()) / 1000.0
+        n = int((sel["capacity_kwp"] > 0).sum())
+        if n == 0:
+            verdict = NO_BUILDINGS
+        else:
+            verdict = REACHABLE if achievable >= t.required_mw else NOT_REACHABLE
+        rows.append({
+            "target_id": t.id,
+            "district_name": t.district_name,
+            "period": t.period,
+            "eligible_types": ",".join(t.eligible_types),
+            "target_required_mw": t.required_mw,
+            "n_eligible_buildings": n,
+            "target_achievable_mw": achievable,
+            "target_achievable_policy_mw": float(sel["capacity_policy_kwp"].sum()) / 1000.0,
+            "target_margin_mw": achievable - t.required_mw,
+            "target_share_needed": (t.required_mw / achievable) if achievable > 0 else np.inf,
+            "target_energy_gwh_per_year": float(sel["energy_mwh_per_year"].sum()) / 1000.0,
+            "target_verdict": verdict,
+            "source": t.source,
+        })
+    return pd.DataFrame(rows)
+
+
+def district_layer(districts: gpd.GeoDataFrame, buildings: pd.DataFrame,
+                   policy: PolicyConfig, targets: pd.DataFrame) -> gpd.GeoDataFrame:
+    """District polygons with their summary, coverage-rule and target verdicts.
+
+    Parameters
+    ----------
+    districts : GeoDataFrame
+        ``district_name``, ``district_adcode``, polygons.
+    buildings : DataFrame
+        The yield-stage buildings.
+    policy : PolicyConfig
+        The coverage rule.
+    targets : DataFrame
+        Output of :func:`target_table`.
+
+    Returns
+    -------
+    GeoDataFrame
+        One row per district; districts without buildings carry zeros and
+        the verdict ``no eligible buildings in the input``.
+    """
+    summ = summarise(buildings, ["district_name"])
+    rule = coverage_rule(buildings, policy)
+    out = districts.merge(summ, on="district_name", how="left").merge(
+        rule, on="district_name", how="left")
+    for col in [*SUMMARY_COLUMNS, "rule_n_buildings", "rule_footprint_area_m2",
+                "rule_required_area_m2", "rule_usable_area_m2", "rule_n_below_share"]:
+        out[col] = out[col].fillna(0)
+    for col in ("n_buildings", "rule_n_buildings", "rule_n_below_share"):
+        out[col] = out[col].astype("int64")
+    out["rule_name"] = policy.coverage_rule_name
+    out["rule_verdict"] = out["rule_verdict"].fillna(NO_BUILDINGS)
+    first = targets.drop_duplicates("district_name")[
+        ["district_name", "target_id", "target_required_mw", "target_achievable_mw",
+         "target_margin_mw", "target_share_needed", "target_verdict"]]
+    out = out.merge(first, on="district_name", how="left")
+    return gpd.GeoDataFrame(out, geometry="geometry", crs=districts.crs)
+
+
+def assumptions(config_path: Path, sections: tuple[str, ...]) -> pd.DataFrame:
+    """The assumptions of the named config sections with their cited sources.
+
+    Sources are the comments written beside each key in the YAML file, so
+    the value and its citation stay on one line.
+
+    Parameters
+    ----------
+    config_path : Path
+        The YAML config.
+    sections : tuple of str
+        Top-level sections to list.
+
+    Returns
+    -------
+    DataFrame
+        ``key`` (dotted path), ``value`` and ``source`` (the comment).
+    """
+    rows, stack = [], []
+    pattern = re.compile(r"^(\s*)(-\s+)?([A-Za-z0-9_]+):\s*([^#]*?)\s*(?:#\s*(.*))?$")
+    for line in config_path.read_text(encoding="utf-8").splitlines():
+        m = pattern.match(line)
+        if not m:
+            continue
+        indent, _, key, value, comment = m.groups()
+        level = len(indent) // 2
+        stack = stack[:level] + [key]
+        if stack[0] in sections and value not in ("", "|", ">"):
+            rows.append({"key": ".".join(stack), "value": value, "source": comment or ""})
+    return pd.DataFrame(rows, columns=["key", "value", "source"])
+
+
+def _md_table(frame: pd.DataFrame, floatfmt: str = "{:,.1f}") -> str:
+    """A DataFrame as a GitHub Markdown table."""
+    def fmt(v: object) -> str:
+        if isinstance(v, float | np.floating):
+            if np.isinf(v):
+                return "∞"
+            return floatfmt.format(v)
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |"
+            for row in frame.itertuples(index=False, name=None)]
+    return "\n".join([head, sep, *body])
+
+
+def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
+    """Write layers to a GeoPackage atomically (all layers, or nothing).
+
+    Parameters
+    ----------
+    path : Path
+        The GeoPackage.
+    layers : dict
+        Layer name to (Geo)DataFrame; plain DataFrames become attribute tables.
+    """
+    import pyogrio
+
+    with atomic_path(path) as tmp:
+        for name, frame in layers.items():
+            kwargs: dict = {"layer": name, "driver": "GPKG"}
+            if isinstance(frame, gpd.GeoDataFrame):
+                types = set(frame.geometry.dropna().geom_type)
+                if not types <= {"Polygon", "MultiPolygon"}:
+                    kwargs["geometry_type"] = "Unknown"
+                elif types:
+                    kwargs["geometry_type"] = "MultiPolygon"
+                    frame = frame.copy()
+                    frame["geometry"] = _to_multi(frame.geometry)
+                kwargs["promote_to_multi"] = False
+            pyogrio.write_dataframe(frame, tmp, **kwargs)
+
+
+def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
+    import shapely
+
+    arr = geoms.array
+    is_poly = np.array([g is not None and g.geom_type == "Polygon" for g in arr])
+    out = np.array(arr, dtype=object)
+    out[is_poly] = [shapely.MultiPolygon([g]) for g in out[is_poly]]
+    return gpd.GeoSeries(out, index=geoms.index, crs=geoms.crs)
+
+
+def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
+    """Report stage runner: write ``rooftop_pv.gpkg`` and ``report.md``.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration.
+    base_dir : Path
+        Project root.
+    config_path : Path
+        The config file (its comments carry the assumptions' sources).
+
+    Returns
+    -------
+    dict
+        The targets table as records.
+    """
+    t0 = time.perf_counter()
+    proc = base_dir / cfg.paths.processed_dir
+    outdir = base_dir / cfg.paths.outputs_dir
+    buildings = gpd.read_parquet(proc / "yield_buildings.parquet")
+    rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
+    accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
+    kept = sum(a["kept"] for a in accounting.values())
+    if kept != len(buildings):
+        raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
+                           f"stage has {len(buildings)}")
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
+    targets = target_table(buildings, cfg.targets)
+    dlayer = district_layer(districts, buildings, cfg.policy, targets)
+    by_type = summarise(buildings, ["district_name", "building_type"])
+    layers = {
+        "buildings": buildings,
+        "districts": dlayer,
+        "targets": pd.DataFrame(targets),
+        "district_types": by_type,
+        "rejected": rejected,
+    }
+    write_geopackage(outdir / "rooftop_pv.gpkg", layers)
+    md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting)
+    with atomic_path(outdir / "report.md") as tmp:
+        tmp.write_text(md, encoding="utf-8")
+    log.info("report: %d buildings, %d districts, %d targets, %d rejected in %.1f s",
+             len(buildings), len(dlayer), len(targets), len(rejected), time.perf_counter() - t0)
+    return {"targets": targets.to_dict("records")}
+
+
+def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFrame,
+                    dlayer: gpd.GeoDataFrame, targets: pd.DataFrame, by_type: pd.DataFrame,
+                    accounting: dict) -> str:
+    """The Markdown report.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration.
+    config_path : Path
+        The config file, for the assumptions and their sources.
+    buildings, dlayer, targets, by_type : DataFrame
+        The report tables.
+    accounting : dict
+        Ingest accounting per source.
+
+    Returns
+    -------
+    str
+        The report text.
+    """
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# Rooftop PV potential: {cfg.name}",
+        "",
+        f"Generated {now} from `{config_path.as_posix()}`.",
+        "",
+        "> **Data coverage.** " + cfg.report.coverage_caveat.strip(),
+        "",
+        "## Targets",
+        "",
+        _md_table(targets[["target_id", "district_name", "period", "target_required_mw",
+                           "n_eligible_buildings", "target_achievable_mw",
+                           "target_achievable_policy_mw", "target_margin_mw",
+                           "target_share_needed", "target_verdict"]],
+                  floatfmt="{:,.2f}"),
+        "",
+        f"## Roof-coverage rule: {cfg.policy.coverage_rule_name}",
+        "",
+        f"Building types: {', '.join(cfg.policy.coverage_rule_types)}; required share of roof "
+        f"area under PV: {cfg.policy.coverage_rule_share:.0%}.",
+        "",
+    ]
+    active = dlayer[dlayer["n_buildings"] > 0]
+    rule_cols = ["district_name", "rule_n_buildings", "rule_footprint_area_m2",
+                 "rule_usable_area_m2", "rule_usable_share", "rule_n_below_share", "rule_verdict"]
+    rule_view = dlayer[dlayer["rule_n_buildings"] > 0][rule_cols]
+    named = dlayer[dlayer["district_name"].isin([t.district_name for t in cfg.targets])][rule_cols]
+    rule_view = pd.concat([rule_view, named]).drop_duplicates("district_name")
+    lines += [_md_table(pd.DataFrame(rule_view), floatfmt="{:,.2f}"), ""]
+    lines += ["## Districts", "",
+              _md_table(pd.DataFrame(active[["district_name", *SUMMARY_COLUMNS]])), "",
+              "## By district and building type", "", _md_table(by_type), ""]
+    counts = (buildings.groupby(["building_type", "type_source"], observed=True)
+              .size().rename("n_buildings").reset_index())
+    lines += ["## Classification evidence", "", _md_table(counts), ""]
+    acc_rows = [{"source": k, "read": v["read"], "kept": v["kept"], "rejected": v["rejected"]}
+                for k, v in accounting.items()]
+    total = {"source": "total", **{c: sum(r[c] for r in acc_rows)
+                                   for c in ("read", "kept", "rejected")}}
+    lines += ["## Input accounting", "",
+              "Every feature read is kept as a building or listed in the `rejected` layer "
+              "with its reason (read = kept + rejected).", "",
+              _md_table(pd.DataFrame([*acc_rows, total])), ""]
+    reasons = [{"source": k, "reason": r, "n": n}
+               for k, v in accounting.items() for r, n in v["rejected_by_reason"].items()]
+    if reasons:
+        lines += ["Rejections by reason:", "", _md_table(pd.DataFrame(reasons)), ""]
+    lines += ["## Assumptions", "",
+              "Each value is a key of the config; its source is the comment beside it.", "",
+              _md_table(assumptions(config_path, ("ingest", "roof", "policy", "weather",
+                                                  "yield"))),
+              ""]
+    return "\n".join(lines)
