@@ -149,6 +149,7 @@ def map_partitions(
     GeoDataFrame or DataFrame
         The concatenated kernel output, in input order.
     """
+    import dask
     import dask_geopandas
 
     if not gdf.index.is_unique:
@@ -159,8 +160,10 @@ def map_partitions(
         return kernel(gdf.copy(), *args, **kwargs)
     order = _spatial_order(gdf)
     sorted_gdf = gdf.iloc[order]
-    ddf = dask_geopandas.from_geopandas(sorted_gdf, npartitions=nparts, sort=False)
-    out = ddf.map_partitions(kernel, *args, meta=meta, **kwargs).compute()
+    with dask.config.set({"dataframe.convert-string": False}):
+        # keep pandas' own dtypes: the result must equal the serial kernel's
+        ddf = dask_geopandas.from_geopandas(sorted_gdf, npartitions=nparts, sort=False)
+        out = ddf.map_partitions(kernel, *args, meta=meta, **kwargs).compute()
     return out.loc[gdf.index]
 
 
