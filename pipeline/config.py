@@ -18,23 +18,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.classify import ClassifyConfig
+from pipeline.classify import BUILDING_TYPES, ClassifyConfig
 from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.pvyield import YieldConfig
 from pipeline.weather import WeatherConfig
-
-BUILDING_TYPES: tuple[str, ...] = (
-    "government",
-    "school",
-    "factory",
-    "hospital",
-    "other_public",
-    "commercial",
-    "residential",
-    "other",
-    "unknown",
-)
 
 BuildingType = Literal[
     "government",

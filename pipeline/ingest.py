@@ -501,7 +501,8 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     pois = allf[allf["role"].eq("poi")][["building_id", "source", "source_id",
                                          *ATTRIBUTE_COLUMNS, "geometry"]].copy()
     pois["poi_category"] = (pois["tag_amenity"].fillna(pois["tag_office"])
-                            .fillna(pois["tag_shop"]).fillna(pois["class_field"]))
+                            .fillna(pois["tag_shop"]).fillna(pois["tag_tourism"])
+                            .fillna(pois["class_field"]))
     rejected = allf[allf["reason"].notna()][
         ["building_id", "source", "source_id", "name", "reason", "original_attributes",
          "geometry"]].copy()

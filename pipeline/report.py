@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
-from pipeline.io import atomic_path
 from pipeline.ingest import load_districts
+from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -31,3 +31,33 @@ def sample() -> Path:
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def iwec_epw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real IWEC EPW: data/raw copy, else fetched once into the pytest cache."""
+    from pipeline.data import DataError, locate_iwec_epw
+
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    cache_dir = cache.mkdir("rooftop-pv-iwec") if cache else tmp_path_factory.mktemp("iwec")
+    try:
+        return locate_iwec_epw(ROOT, cache_dir)
+    except DataError as exc:
+        pytest.skip(f"Shanghai IWEC EPW not available (make data, or PyPI access): {exc}")
+
+
+@pytest.fixture(scope="session")
+def iwec(iwec_epw: Path):
+    """The IWEC weather, read and checked."""
+    from pipeline.weather import WeatherConfig, read_weather
+
+    return read_weather(WeatherConfig(path=iwec_epw), ROOT)
+
+
+def make_base(base: Path, sample: Path, epw: Path) -> Path:
+    """A project root in ``base`` with the sample, the EPW and the configs linked in."""
+    (base / "data/raw/weather").mkdir(parents=True, exist_ok=True)
+    (base / "data/raw/shanghai").symlink_to(sample)
+    (base / "data/raw/weather" / epw.name).symlink_to(epw)
+    (base / "configs").symlink_to(ROOT / "configs")
+    return base

@@ -1,0 +1,415 @@
+"""Evaluation of the building-type classifier on labelled sets.
+
+Two labelled sets measure the rules of :mod:`pipeline.classify`:
+
+CBDC prototypes
+    Truth from the survey code ``landUseTyp`` (:data:`CBDC_TRUTH`), refined by
+    hand labels written from the names (``tests/data/classify/cbdc_labels.csv``:
+    ``source_id,name,true_type,certain,note``; rows marked ``certain=no`` are
+    left out). Measured twice: with the survey codes visible (the full
+    classifier: code table plus the name refinement of ``Administration``) and
+    with the codes hidden (the name rules alone).
+OSM sample
+    Truth from the buildings' explicit use tags (``building=school``,
+    ``amenity=*``, ``office=*``, ``government=*`` ...); those tags are then
+    hidden (set to null) so that the containing-area, POI and name rules are
+    what is measured.
+
+=================  =====  ===================================================
+output             unit   meaning
+=================  =====  ===================================================
+support            -      buildings whose true type is the class
+predicted          -      buildings predicted as the class
+correct            -      true positives
+precision          -      correct / predicted (NaN when nothing predicted)
+recall             -      correct / support (NaN when no support)
+confusion          -      rows: true type, columns: predicted type
+=================  =====  ===================================================
+
+Run ``python -m pipeline.classify_eval --buildings
+data/processed/ingest_buildings.parquet --areas ... --pois ... --rules
+configs/classification.yaml`` to print the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from pipeline.classify import (
+    BUILDING_TYPES,
+    EXPLICIT_TAG_COLUMNS,
+    ClassificationError,
+    ClassificationRules,
+    classify_buildings,
+    explicit_tag_types,
+    load_rules,
+)
+from pipeline.glossary import ATTRIBUTE_COLUMNS
+
+#: Truth derived from the CBDC ``landUseTyp`` code (before the hand labels).
+CBDC_TRUTH: dict[str, str] = {
+    "administration": "other_public",
+    "industry": "factory",
+    "office": "commercial",
+    "commercial": "commercial",
+    "residential_1": "residential",
+    "residential_2": "residential",
+    "residential_3": "residential",
+    "transport": "other",
+}
+
+#: Default hand labels of the CBDC prototypes.
+DEFAULT_CBDC_LABELS = Path(__file__).resolve().parents[1] / "tests/data/classify/cbdc_labels.csv"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-class scores and confusion matrix of one labelled set.
+
+    Attributes
+    ----------
+    title : str
+        Name of the labelled set.
+    labels : list of str
+        Classes in table order.
+    per_class : DataFrame
+        Index: class; columns ``support``, ``predicted``, ``correct``,
+        ``precision``, ``recall``.
+    confusion : DataFrame
+        Counts; rows: true class, columns: predicted class.
+    n : int
+        Labelled buildings.
+    accuracy : float
+        Share of buildings predicted correctly (``unknown`` counts as wrong).
+    coverage : float
+        Share of buildings given a type other than ``unknown``.
+    covered_accuracy : float
+        Accuracy among the buildings given a type.
+    """
+
+    title: str
+    labels: list[str]
+    per_class: pd.DataFrame
+    confusion: pd.DataFrame
+    n: int
+    accuracy: float
+    coverage: float
+    covered_accuracy: float
+
+
+def evaluate(
+    truth: pd.Series,
+    predicted: pd.Series,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+) -> EvalResult:
+    """Compare predicted with true types.
+
+    Parameters
+    ----------
+    truth : Series
+        True type per building.
+    predicted : Series
+        Predicted type, aligned on the same index (missing = ``unknown``).
+    labels : sequence of str, optional
+        Classes to report (default: the building types that occur).
+    title : str
+        Name of the set.
+
+    Returns
+    -------
+    EvalResult
+        Per-class precision, recall and support, and the confusion matrix.
+    """
+    truth = truth.astype(object)
+    predicted = predicted.reindex(truth.index).astype(object).where(
+        predicted.reindex(truth.index).notna(), "unknown"
+    )
+    if labels is None:
+        present = set(truth) | set(predicted)
+        labels = [t for t in BUILDING_TYPES if t in present]
+        labels += sorted(str(t) for t in present - set(labels))
+    labels = list(labels)
+    confusion = pd.crosstab(
+        pd.Categorical(truth, categories=labels),
+        pd.Categorical(predicted, categories=labels),
+        dropna=False,
+    )
+    confusion.index = pd.Index(labels, name="truth")
+    confusion.columns = pd.Index(labels, name="predicted")
+    confusion = confusion.astype(int)
+    correct = pd.Series(np.diag(confusion.to_numpy()), index=labels)
+    support = confusion.sum(axis=1)
+    predicted_n = confusion.sum(axis=0)
+    per_class = pd.DataFrame(
+        {
+            "support": support,
+            "predicted": predicted_n,
+            "correct": correct,
+            "precision": correct / predicted_n.replace(0, np.nan),
+            "recall": correct / support.replace(0, np.nan),
+        }
+    )
+    per_class.index.name = "type"
+    n = int(len(truth))
+    hit = (truth == predicted).to_numpy()
+    typed = (predicted != "unknown").to_numpy()
+    accuracy = float(hit.mean()) if n else float("nan")
+    coverage = float(typed.mean()) if n else float("nan")
+    covered = float(hit[typed].mean()) if typed.any() else float("nan")
+    return EvalResult(title, labels, per_class, confusion, n, accuracy, coverage, covered)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if np.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, index_name: str) -> str:
+    head = [index_name, *map(str, frame.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for idx, row in zip(frame.index, frame.itertuples(index=False), strict=True):
+        lines.append("| " + " | ".join([str(idx), *(_fmt(v) for v in row)]) + " |")
+    return "\n".join(lines)
+
+
+def to_markdown(result: EvalResult) -> str:
+    """Render an evaluation as Markdown tables (no extra dependency).
+
+    Parameters
+    ----------
+    result : EvalResult
+        The evaluation.
+
+    Returns
+    -------
+    str
+        A heading, the per-class table and the confusion matrix.
+    """
+    per_class = result.per_class[result.per_class[["support", "predicted"]].sum(axis=1) > 0]
+    parts = [
+        f"### {result.title or 'evaluation'}",
+        "",
+        f"{result.n} labelled buildings; accuracy {_fmt(result.accuracy)} "
+        f"(unknown counts as wrong); coverage {_fmt(result.coverage)}; "
+        f"accuracy where a type was given {_fmt(result.covered_accuracy)}",
+        "",
+        _table(per_class, "type"),
+        "",
+        "Confusion matrix (rows: truth, columns: predicted)",
+        "",
+        _table(result.confusion, "truth \\ predicted"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# labelled sets
+# ---------------------------------------------------------------------------------------------
+
+
+def read_cbdc_labels(path: str | Path = DEFAULT_CBDC_LABELS) -> pd.DataFrame:
+    """Read the CBDC hand labels.
+
+    Parameters
+    ----------
+    path : str or Path
+        CSV with ``source_id,name,true_type,certain,note``.
+
+    Returns
+    -------
+    DataFrame
+        The labels as strings.
+
+    Raises
+    ------
+    ClassificationError
+        For a missing column or an unknown type.
+    """
+    labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"source_id", "true_type"} - set(labels.columns)
+    if missing:
+        raise ClassificationError(f"{path}: missing column(s) {sorted(missing)}")
+    bad = labels.loc[~labels["true_type"].isin(BUILDING_TYPES), "true_type"]
+    if len(bad):
+        raise ClassificationError(
+            f"{path}: unknown true_type {sorted(set(bad))}; use one of {list(BUILDING_TYPES)}"
+        )
+    if "certain" not in labels.columns:
+        labels["certain"] = "yes"
+    return labels
+
+
+def cbdc_labelled_set(
+    buildings: gpd.GeoDataFrame,
+    labels: pd.DataFrame,
+    hide_codes: bool = False,
+) -> tuple[gpd.GeoDataFrame, pd.Series]:
+    """CBDC prototypes with their true types.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Canonical buildings; the rows whose ``land_use_code`` is a CBDC
+        ``landUseTyp`` value are used.
+    labels : DataFrame
+        Hand labels (:func:`read_cbdc_labels`), keyed by ``source_id``; rows
+        with ``certain`` = ``no`` drop the building from the set.
+    hide_codes : bool
+        Set ``land_use_code`` to null so the name rules alone are measured.
+
+    Returns
+    -------
+    tuple of (GeoDataFrame, Series)
+        The buildings to classify and their true types (same index).
+    """
+    codes = buildings["land_use_code"].astype(object).where(buildings["land_use_code"].notna())
+    key = codes.map(lambda v: str(v).strip().lower() if isinstance(v, str) else None)
+    selected = buildings[key.isin(CBDC_TRUTH).to_numpy()].copy()
+    truth = key[key.isin(CBDC_TRUTH)].map(CBDC_TRUTH).astype(object)
+    by_id = labels.set_index(labels["source_id"].astype(str).str.strip())
+    ids = selected["source_id"].astype(str).str.strip()
+    keep = np.ones(len(selected), dtype=bool)
+    for pos, sid in enumerate(ids):
+        if sid in by_id.index:
+            row = by_id.loc[sid]
+            if str(row.get("certain", "yes")).strip().lower() == "no":
+                keep[pos] = False
+            else:
+                truth.iloc[pos] = row["true_type"]
+    selected, truth = selected[keep], truth[keep]
+    if hide_codes:
+        selected["land_use_code"] = pd.Series([None] * len(selected), index=selected.index,
+                                              dtype="str")
+    return selected, truth.astype("str")
+
+
+def osm_labelled_set(
+    buildings: gpd.GeoDataFrame, rules: ClassificationRules
+) -> tuple[gpd.GeoDataFrame, pd.Series]:
+    """Select buildings whose explicit use tags give the truth, then hide the tags.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Canonical buildings (OSM or Overture).
+    rules : ClassificationRules
+        The rules; their tag tables define the truth.
+
+    Returns
+    -------
+    tuple of (GeoDataFrame, Series)
+        The buildings with every explicit tag column set to null, and their
+        true types (same index).
+    """
+    tagged = explicit_tag_types(buildings, rules)
+    has = tagged["type"].notna().to_numpy()
+    selected = buildings[has].copy()
+    for column in EXPLICIT_TAG_COLUMNS:
+        if column in selected.columns:
+            selected[column] = pd.Series([None] * len(selected), index=selected.index,
+                                         dtype="str")
+    return selected, tagged.loc[has, "type"]
+
+
+def measure(
+    frame: gpd.GeoDataFrame,
+    truth: pd.Series,
+    areas: gpd.GeoDataFrame,
+    pois: gpd.GeoDataFrame,
+    rules: ClassificationRules,
+    title: str,
+) -> tuple[EvalResult, gpd.GeoDataFrame]:
+    """Classify a labelled set and evaluate it.
+
+    Parameters
+    ----------
+    frame : GeoDataFrame
+        Buildings of the set.
+    truth : Series
+        True types (same index).
+    areas, pois : GeoDataFrame
+        Context layers, same CRS.
+    rules : ClassificationRules
+        The rules.
+    title : str
+        Name of the set.
+
+    Returns
+    -------
+    tuple of (EvalResult, GeoDataFrame)
+        The evaluation and the classified buildings.
+    """
+    classified = classify_buildings(frame, areas, pois, rules)
+    return evaluate(truth, classified["building_type"], title=title), classified
+
+
+def _read_optional(path: str | None, crs) -> gpd.GeoDataFrame:
+    if path and Path(path).exists():
+        return gpd.read_parquet(path).to_crs(crs)
+    data = {c: pd.Series([], dtype="str") for c in ATTRIBUTE_COLUMNS}
+    return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: print the evaluation tables of both labelled sets.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status (0, or 1 when no labelled building was found).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.classify_eval", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--buildings", required=True, help="GeoParquet from ingest")
+    parser.add_argument("--areas", help="GeoParquet of areas (optional)")
+    parser.add_argument("--pois", help="GeoParquet of POIs (optional)")
+    parser.add_argument("--rules", default="configs/classification.yaml")
+    parser.add_argument("--cbdc-labels", default=str(DEFAULT_CBDC_LABELS))
+    parser.add_argument("--set", choices=("all", "cbdc", "osm"), default="all")
+    args = parser.parse_args(argv)
+
+    rules = load_rules(args.rules)
+    buildings = gpd.read_parquet(args.buildings)
+    areas = _read_optional(args.areas, buildings.crs)
+    pois = _read_optional(args.pois, buildings.crs)
+    results = []
+    if args.set in ("all", "cbdc"):
+        labels = read_cbdc_labels(args.cbdc_labels)
+        for hide, title in ((False, "CBDC prototypes, survey codes visible"),
+                            (True, "CBDC prototypes, survey codes hidden (names only)")):
+            frame, truth = cbdc_labelled_set(buildings, labels, hide_codes=hide)
+            if len(frame):
+                results.append(measure(frame, truth, areas, pois, rules, title)[0])
+    if args.set in ("all", "osm"):
+        frame, truth = osm_labelled_set(buildings, rules)
+        if len(frame):
+            title = "OSM buildings, explicit use tags hidden"
+            results.append(measure(frame, truth, areas, pois, rules, title)[0])
+    for result in results:
+        print(to_markdown(result))
+    if not results:
+        print("no labelled buildings found (no CBDC landUseTyp codes, no explicit use tags)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
