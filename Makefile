@@ -48,8 +48,9 @@ $(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
 	$(RUN) --stage ingest
 
 classify: $(PROC)/classify_buildings.parquet
-$(PROC)/classify_buildings.parquet: $(PROC)/ingest_buildings.parquet pipeline/classify.py \
-		configs/classification.yaml $(COMMON)
+$(PROC)/classify_buildings.parquet $(PROC)/classify_evaluation.md &: \
+		$(PROC)/ingest_buildings.parquet pipeline/classify.py pipeline/classify_eval.py \
+		configs/classification.yaml configs/labels/cbdc_prototypes.csv $(COMMON)
 	$(RUN) --stage classify
 
 roof: $(PROC)/roof_buildings.parquet
@@ -68,7 +69,7 @@ $(OUT)/rooftop_pv.gpkg $(OUT)/report.md &: $(PROC)/yield_buildings.parquet \
 
 # ---- checks
 lint: $(VENV)/.installed
-	$(PY) -m ruff check pipeline tests bench
+	$(PY) -m ruff check pipeline tests $(wildcard bench)
 
 test: $(VENV)/.installed data lint
 	$(PY) -m pytest

@@ -4,7 +4,7 @@ Two labelled sets measure the rules of :mod:`pipeline.classify`:
 
 CBDC prototypes
     Truth from the survey code ``landUseTyp`` (:data:`CBDC_TRUTH`), refined by
-    hand labels written from the names (``tests/data/classify/cbdc_labels.csv``:
+    hand labels written from the names (``configs/labels/cbdc_prototypes.csv``:
     ``source_id,name,true_type,certain,note``; rows marked ``certain=no`` are
     left out). Measured twice: with the survey codes visible (the full
     classifier: code table plus the name refinement of ``Administration``) and
@@ -67,7 +67,7 @@ CBDC_TRUTH: dict[str, str] = {
 }
 
 #: Default hand labels of the CBDC prototypes.
-DEFAULT_CBDC_LABELS = Path(__file__).resolve().parents[1] / "tests/data/classify/cbdc_labels.csv"
+DEFAULT_CBDC_LABELS = Path(__file__).resolve().parents[1] / "configs/labels/cbdc_prototypes.csv"
 
 
 @dataclass(frozen=True)
@@ -361,6 +361,80 @@ def _read_optional(path: str | None, crs) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
+def evaluate_sets(
+    buildings: gpd.GeoDataFrame,
+    areas: gpd.GeoDataFrame,
+    pois: gpd.GeoDataFrame,
+    rules: ClassificationRules,
+    cbdc_labels: str | Path = DEFAULT_CBDC_LABELS,
+    which: str = "all",
+) -> list[EvalResult]:
+    """Evaluate the classifier on every labelled set found in the ingest output.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Ingest-stage buildings (canonical columns).
+    areas, pois : GeoDataFrame
+        Ingest-stage areas and POIs, same CRS.
+    rules : ClassificationRules
+        The rules.
+    cbdc_labels : str or Path
+        Hand labels of the CBDC prototypes.
+    which : str
+        ``all``, ``cbdc`` or ``osm``.
+
+    Returns
+    -------
+    list of EvalResult
+        One result per labelled set with at least one building.
+    """
+    results = []
+    if which in ("all", "cbdc"):
+        labels = read_cbdc_labels(cbdc_labels)
+        for hide, title in ((False, "CBDC prototypes, survey codes visible"),
+                            (True, "CBDC prototypes, survey codes hidden (names only)")):
+            frame, truth = cbdc_labelled_set(buildings, labels, hide_codes=hide)
+            if len(frame):
+                results.append(measure(frame, truth, areas, pois, rules, title)[0])
+    if which in ("all", "osm"):
+        frame, truth = osm_labelled_set(buildings, rules)
+        if len(frame):
+            title = "OSM buildings, explicit use tags hidden"
+            results.append(measure(frame, truth, areas, pois, rules, title)[0])
+    return results
+
+
+def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_file: Path,
+                     out: Path) -> list[EvalResult]:
+    """Evaluate on the ingest outputs and write the tables as Markdown.
+
+    Parameters
+    ----------
+    buildings_in, areas_in, pois_in : Path
+        Ingest-stage GeoParquet files (areas and POIs may be absent).
+    rules_file : Path
+        The rule tables.
+    out : Path
+        Markdown file to write (atomically).
+
+    Returns
+    -------
+    list of EvalResult
+        The evaluations written.
+    """
+    from pipeline.io import atomic_path
+
+    buildings = gpd.read_parquet(buildings_in)
+    areas = _read_optional(str(areas_in), buildings.crs)
+    pois = _read_optional(str(pois_in), buildings.crs)
+    results = evaluate_sets(buildings, areas, pois, load_rules(rules_file))
+    text = "\n\n".join(to_markdown(r) for r in results) or "No labelled buildings in the input."
+    with atomic_path(out) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print the evaluation tables of both labelled sets.
 
@@ -389,19 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     buildings = gpd.read_parquet(args.buildings)
     areas = _read_optional(args.areas, buildings.crs)
     pois = _read_optional(args.pois, buildings.crs)
-    results = []
-    if args.set in ("all", "cbdc"):
-        labels = read_cbdc_labels(args.cbdc_labels)
-        for hide, title in ((False, "CBDC prototypes, survey codes visible"),
-                            (True, "CBDC prototypes, survey codes hidden (names only)")):
-            frame, truth = cbdc_labelled_set(buildings, labels, hide_codes=hide)
-            if len(frame):
-                results.append(measure(frame, truth, areas, pois, rules, title)[0])
-    if args.set in ("all", "osm"):
-        frame, truth = osm_labelled_set(buildings, rules)
-        if len(frame):
-            title = "OSM buildings, explicit use tags hidden"
-            results.append(measure(frame, truth, areas, pois, rules, title)[0])
+    results = evaluate_sets(buildings, areas, pois, rules, args.cbdc_labels, args.set)
     for result in results:
         print(to_markdown(result))
     if not results:

@@ -40,7 +40,7 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
     dict
         Each stage's returned statistics.
     """
-    from pipeline import classify, ingest, pvyield, report, roof
+    from pipeline import classify, classify_eval, ingest, pvyield, report, roof
     from pipeline.config import load_config
     from pipeline.parallel import scheduler_context
 
@@ -61,6 +61,12 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
                     cfg.classify, proc / "ingest_buildings.parquet",
                     proc / "ingest_areas.parquet", proc / "ingest_pois.parquet",
                     proc / "classify_buildings.parquet", base_dir, cfg.working_crs)
+                rules = cfg.classify.rules_file
+                classify_eval.write_evaluation(
+                    proc / "ingest_buildings.parquet", proc / "ingest_areas.parquet",
+                    proc / "ingest_pois.parquet",
+                    rules if rules.is_absolute() else base_dir / rules,
+                    proc / "classify_evaluation.md")
             elif stage == "roof":
                 results[stage] = roof.run(cfg, base_dir)
             elif stage == "yield":

@@ -342,7 +342,8 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         "rejected": rejected,
     }
     write_geopackage(outdir / "rooftop_pv.gpkg", layers)
-    md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting)
+    md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
+                         base_dir)
     with atomic_path(outdir / "report.md") as tmp:
         tmp.write_text(md, encoding="utf-8")
     log.info("report: %d buildings, %d districts, %d targets, %d rejected in %.1f s",
@@ -352,7 +353,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
 
 def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFrame,
                     dlayer: gpd.GeoDataFrame, targets: pd.DataFrame, by_type: pd.DataFrame,
-                    accounting: dict) -> str:
+                    accounting: dict, base_dir: Path) -> str:
     """The Markdown report.
 
     Parameters
@@ -365,6 +366,8 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
         The report tables.
     accounting : dict
         Ingest accounting per source.
+    base_dir : Path
+        Project root (for the classifier evaluation written by the classify stage).
 
     Returns
     -------
@@ -406,6 +409,12 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
     counts = (buildings.groupby(["building_type", "type_source"], observed=True)
               .size().rename("n_buildings").reset_index())
     lines += ["## Classification evidence", "", _md_table(counts), ""]
+    evaluation = base_dir / cfg.paths.processed_dir / "classify_evaluation.md"
+    if evaluation.is_file():
+        lines += ["## Classifier evaluation on labelled sets", "",
+                  "Per-class precision and recall of the rules on labelled buildings "
+                  "(`python -m pipeline.classify_eval`).", "",
+                  evaluation.read_text(encoding="utf-8"), ""]
     acc_rows = [{"source": k, "read": v["read"], "kept": v["kept"], "rejected": v["rejected"]}
                 for k, v in accounting.items()]
     total = {"source": "total", **{c: sum(r[c] for r in acc_rows)
