@@ -96,6 +96,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.columns import map_unique
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -621,7 +622,7 @@ def _column(frame: pd.DataFrame, column: str) -> pd.Series:
     """Column as object series (None for nulls); all-null when the column is absent."""
     if column not in frame.columns:
         return pd.Series([None] * len(frame), index=frame.index, dtype=object)
-    values = [_clean(v) for v in frame[column].to_numpy(dtype=object)]
+    values = map_unique(frame[column], _clean)  # _clean once per distinct value
     return pd.Series(values, index=frame.index, dtype=object)
 
 
@@ -1034,13 +1035,19 @@ def classify_buildings(
         geographic CRS.
     """
     _check_crs(buildings, areas, pois)
-    n = len(buildings)
-    no_evidence = rules._compiled["no_evidence"]
-    tags = _tag_candidates(buildings, rules.tags.order, rules._compiled["tags"], no_evidence)
-    codes = _column(buildings, "land_use_code").to_numpy()
     area_ev = _area_candidates(buildings, areas, rules)
     poi_ev = _poi_candidates(buildings, pois, rules)
-    name_ev = _name_candidates(buildings, rules)
+    # rows with the same attribute values and no spatial evidence get the same result:
+    # decide once per distinct evidence signature, then broadcast
+    group, first = _evidence_groups(buildings, rules, area_ev, poi_ev)
+    reps = buildings.iloc[first]
+    n = len(reps)
+    no_evidence = rules._compiled["no_evidence"]
+    tags = _tag_candidates(reps, rules.tags.order, rules._compiled["tags"], no_evidence)
+    codes = _column(reps, "land_use_code").to_numpy()
+    area_ev = [area_ev[i] for i in first]
+    poi_ev = [poi_ev[i] for i in first]
+    name_ev = _name_candidates(reps, rules)
 
     b_type = np.empty(n, dtype=object)
     b_source = np.empty(n, dtype=object)
@@ -1075,12 +1082,46 @@ def classify_buildings(
         b_conflict[i] = _conflict_text(weaker, kind)
 
     out = buildings.copy()
-    out["building_type"] = pd.Series(b_type, index=buildings.index, dtype="str")
-    out["type_source"] = pd.Series(b_source, index=buildings.index, dtype="str")
+    out["building_type"] = pd.Series(b_type[group], index=buildings.index, dtype="str")
+    out["type_source"] = pd.Series(b_source[group], index=buildings.index, dtype="str")
     out["type_confidence"] = out["type_source"].map(CONFIDENCE).astype("str")
-    out["type_evidence"] = pd.Series(b_evidence, index=buildings.index, dtype="str")
-    out["type_conflict"] = pd.Series(b_conflict, index=buildings.index, dtype="str")
+    out["type_evidence"] = pd.Series(b_evidence[group], index=buildings.index, dtype="str")
+    out["type_conflict"] = pd.Series(b_conflict[group], index=buildings.index, dtype="str")
     return out
+
+
+def _evidence_groups(
+    buildings: pd.DataFrame, rules: ClassificationRules,
+    area_ev: list[list[tuple[str, str]]], poi_ev: list[list[tuple[str, str]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows whose classification evidence is identical.
+
+    The type of a building follows from its tag, land-use code and name
+    columns and its containing-area and POI evidence. Rows with spatial
+    evidence form groups of one; the others are grouped by the values of
+    those columns.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``group`` (per row, 0..G-1 in order of first appearance) and
+        ``first`` (position of the first row of each group).
+    """
+    n = len(buildings)
+    columns = dict.fromkeys([*rules.tags.order, "land_use_code", *rules.names.fields])
+    key = np.zeros(n, dtype=np.int64)
+    spatial = np.fromiter((bool(a) or bool(p) for a, p in zip(area_ev, poi_ev, strict=True)),
+                          dtype=bool, count=n)
+    parts = [np.where(spatial, np.arange(n), -1)]
+    parts += [pd.factorize(_column(buildings, c), use_na_sentinel=True)[0]
+              for c in columns if c in buildings.columns]
+    for codes in parts:
+        # both factors are < n + 1, so the product fits int64 for any realistic n
+        key = pd.factorize(key * (n + 1) + (codes + 1))[0].astype(np.int64)
+    n_groups = int(key.max()) + 1 if n else 0
+    first = np.full(n_groups, n, dtype=np.int64)
+    np.minimum.at(first, key, np.arange(n))
+    return key, first
 
 
 def conflicts_table(buildings: pd.DataFrame) -> pd.DataFrame:

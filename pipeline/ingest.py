@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from pipeline.columns import map_unique, records_json
 from pipeline.config import DistrictsConfig, PipelineConfig, SourceConfig
 from pipeline.errors import InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 
 NUMERIC_ATTRIBUTES = ("height_attr_m", "levels_attr")
 POLYGONAL = ("Polygon", "MultiPolygon")
+#: shapely type ids to the geometry type names GEOS reports
+_GEOM_TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LinearRing", 3: "Polygon", 4: "MultiPoint",
+                    5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
 #: canonical columns whose value makes a non-building polygon a classification area
 AREA_TAGS = ("tag_amenity", "tag_landuse", "tag_office", "tag_government", "tag_industrial",
              "land_use_code", "class_field")
@@ -137,22 +141,19 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoD
 
 def _id_text(values: np.ndarray) -> list[str | None]:
     """Ids as text; integral floats lose their '.0'."""
-    out: list[str | None] = []
-    for v in values:
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            out.append(None)
-        elif isinstance(v, float | np.floating) and float(v).is_integer():
-            out.append(str(int(v)))
-        else:
-            out.append(str(v))
-    return out
+    if pd.api.types.infer_dtype(values, skipna=True) == "string":
+        return list(np.where(pd.isna(values), None, values))
+    def text(v: object) -> str:
+        if isinstance(v, float | np.floating) and float(v).is_integer():
+            return str(int(v))
+        return str(v)
+
+    return list(map_unique(values, text))
 
 
 def _text(values: pd.Series, repair: str) -> pd.Series:
     """Strings (or NA), with the configured mis-encoding repaired."""
     def fix(v: object) -> object:
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-            return pd.NA
         s = str(v).strip()
         if not s:
             return pd.NA
@@ -163,21 +164,12 @@ def _text(values: pd.Series, repair: str) -> pd.Series:
                 return s  # already proper text
         return s
 
-    return values.map(fix).astype("object")
+    return pd.Series(map_unique(values, fix, null=pd.NA), index=values.index, dtype="object")
 
 
 def _records_json(frame: pd.DataFrame) -> list[str]:
     """Each row's non-null attributes as a JSON object."""
-    cols = list(frame.columns)
-    out = []
-    for row in frame.itertuples(index=False, name=None):
-        rec = {}
-        for c, v in zip(cols, row, strict=True):
-            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-                continue
-            rec[c] = v if isinstance(v, str | int | float | bool) else str(v)
-        out.append(json.dumps(rec, ensure_ascii=False, default=str))
-    return out
+    return list(records_json(frame))
 
 
 _HSTORE = re.compile(r'"((?:[^"\\]|\\.)*)"=>"((?:[^"\\]|\\.)*)"')
@@ -331,7 +323,8 @@ def normalise_footprints(
     reason[missing] = "null or empty geometry"
     geom = np.where(missing, None, geom)
     geom = shapely.force_2d(geom)
-    gtype = np.array([g.geom_type if g is not None else "" for g in geom], dtype=object)
+    gtype = pd.Series(shapely.get_type_id(geom)).map(_GEOM_TYPE_NAMES).fillna("")
+    gtype = gtype.to_numpy(dtype=object)
     is_point = np.isin(gtype, ("Point", "MultiPoint"))
     other = ~missing & ~np.isin(gtype, POLYGONAL)
     reason[other] = ["not polygonal: " + t for t in gtype[other]]
