@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         print(line + "\n    stages: " + stages, flush=True)
     by_n = {r["n"]: r for r in results}
     if 1_000_000 in by_n and 2_000_000 in by_n:
-        print("time(2M)/time(1M) = "
-              f"{by_n[2_000_000]['pipeline_2w']['seconds'] / by_n[1_000_000]['pipeline_2w']['seconds']:.2f}")
+        t1, t2 = (by_n[k]["pipeline_2w"]["seconds"] for k in (1_000_000, 2_000_000))
+        print(f"time(2M)/time(1M) = {t2 / t1:.2f}")
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
     BENCH.mkdir(parents=True, exist_ok=True)
     (BENCH / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

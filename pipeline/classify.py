@@ -74,7 +74,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -1419,16 +1418,51 @@ def _concat(frames: Sequence[gpd.GeoDataFrame], crs: str) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
 
 
-def _write_geoparquet(gdf: gpd.GeoDataFrame, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        gdf.to_parquet(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def classify_partition(
+    buildings: gpd.GeoDataFrame, areas: gpd.GeoDataFrame, pois: gpd.GeoDataFrame,
+    rules: ClassificationRules, overrides: pd.DataFrame | None, working_crs: str,
+) -> gpd.GeoDataFrame:
+    """Classify one partition of buildings and apply its overrides (a kernel).
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        One partition of the ingest buildings.
+    areas, pois : GeoDataFrame
+        Context layers in ``working_crs``.
+    rules : ClassificationRules
+        The rules.
+    overrides : DataFrame or None
+        The whole overrides table, already checked against all building
+        ids (:func:`_check_overrides`); the rows of this partition apply.
+    working_crs : str
+        The metric working CRS the partition is brought into.
+
+    Returns
+    -------
+    GeoDataFrame
+        As :func:`classify_buildings`, with overrides applied.
+    """
+    if buildings.crs is not None and buildings.crs != working_crs:
+        buildings = buildings.to_crs(working_crs)
+    out = classify_buildings(buildings, areas, pois, rules)
+    if overrides is not None and len(overrides):
+        ids = overrides["building_id"].astype(str).str.strip()
+        mine = overrides[ids.isin(set(out["building_id"].astype(str))).to_numpy()]
+        out = apply_overrides(out, mine)
+    return out
+
+
+def _check_overrides(building_ids: pd.Series, overrides: pd.DataFrame) -> None:
+    """Raise the errors :func:`apply_overrides` raises, against all building ids."""
+    n = len(building_ids)
+    probe = pd.DataFrame({"building_id": building_ids.to_numpy(),
+                          "building_type": np.full(n, "unknown", dtype=object),
+                          "type_source": np.full(n, "default", dtype=object),
+                          "type_confidence": np.full(n, "low", dtype=object),
+                          "type_evidence": np.full(n, "no evidence", dtype=object),
+                          "type_conflict": np.full(n, None, dtype=object)})
+    apply_overrides(probe, overrides)
 
 
 def run(
@@ -1461,17 +1495,14 @@ def run(
         ``rows_in``, ``rows_out``, ``by_type`` and ``by_source`` counts,
         ``conflicts``, ``overrides``, ``seconds`` and ``output``.
     """
-    from pipeline import parallel
-
     start = time.perf_counter()
     base_dir = Path(base_dir)
     rules = load_rules(_resolve(cfg.rules_file, base_dir))
-    buildings = gpd.read_parquet(buildings_in)
-    if buildings.crs is None:
+    from pipeline.stream import map_file, read_columns, read_partition
+
+    if read_partition(Path(buildings_in), []).crs is None:
         raise ClassificationError(f"{buildings_in}: GeoParquet without CRS")
-    if buildings.crs != working_crs:
-        buildings = buildings.to_crs(working_crs)
-    crs = buildings.crs
+    crs = gpd.GeoSeries([], crs=working_crs).crs
     areas = _concat(
         [
             _read_optional_parquet(Path(areas_in), ATTRIBUTE_COLUMNS, working_crs),
@@ -1489,20 +1520,20 @@ def run(
     )
     areas = areas.set_crs(crs, allow_override=True)
     pois = pois.set_crs(crs, allow_override=True)
-    log.info("classify: %d buildings, %d areas, %d POIs in", len(buildings), len(areas),
-             len(pois))
-    result = parallel.map_partitions(buildings, classify_buildings, areas, pois, rules)
-    n_overrides = 0
+    overrides = None
     if cfg.overrides_file is not None:
         overrides = load_overrides(_resolve(cfg.overrides_file, base_dir))
-        result = apply_overrides(result, overrides)
-        n_overrides = len(overrides)
-    result = gpd.GeoDataFrame(result, geometry=result.geometry.name, crs=crs)
-    _write_geoparquet(result, Path(out))
+        _check_overrides(read_columns(Path(buildings_in), ["building_id"])["building_id"],
+                         overrides)
+    log.info("classify: %d areas, %d POIs in", len(areas), len(pois))
+    rows_in, rows_out, result = map_file(
+        Path(buildings_in), Path(out), classify_partition, areas, pois, rules, overrides,
+        working_crs, keep=("building_type", "type_source", "type_conflict"), label="classify")
+    n_overrides = 0 if overrides is None else len(overrides)
     seconds = time.perf_counter() - start
     summary = {
-        "rows_in": int(len(buildings)),
-        "rows_out": int(len(result)),
+        "rows_in": int(rows_in),
+        "rows_out": int(rows_out),
         "by_type": {k: int(v) for k, v in result["building_type"].value_counts().items()},
         "by_source": {k: int(v) for k, v in result["type_source"].value_counts().items()},
         "conflicts": int(result["type_conflict"].notna().sum()),

@@ -19,7 +19,9 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import geopandas as gpd
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Environment variable that, when set, overrides the configured scheduler.
 SCHEDULER_ENV = "ROOFTOP_PV_SCHEDULER"
+#: Environment variable: 1 shows a progress bar per stage, 0 never (default: on a terminal
+#: when logging at INFO, i.e. not with ``--quiet``).
+PROGRESS_ENV = "ROOFTOP_PV_PROGRESS"
 
 _STATE: dict[str, Any] = {"npartitions": None, "rows_per_partition": 50_000}
 
@@ -68,7 +73,8 @@ def scheduler_context(
     n_workers = n_workers or os.cpu_count() or 1
     previous = dict(_STATE)
     _STATE.update(
-        npartitions=npartitions, rows_per_partition=rows_per_partition, workers=n_workers
+        npartitions=npartitions, rows_per_partition=rows_per_partition, workers=n_workers,
+        client=None,
     )
     try:
         if scheduler.startswith(("tcp://", "tls://", "ucx://")) or scheduler == "local-cluster":
@@ -80,11 +86,13 @@ def scheduler_context(
                     dashboard_address=None,
                 )
                 with cluster, Client(cluster) as client:
+                    _STATE["client"] = client
                     _STATE["workers"] = len(client.scheduler_info()["workers"]) or n_workers
                     log.info("dask: LocalCluster with %d workers", _STATE["workers"])
                     yield scheduler
             else:
                 with Client(scheduler) as client:
+                    _STATE["client"] = client
                     _STATE["workers"] = len(client.scheduler_info()["workers"]) or 1
                     log.info("dask: cluster at %s, %d workers", scheduler, _STATE["workers"])
                     yield scheduler
@@ -178,3 +186,111 @@ def _spatial_order(gdf: gpd.GeoDataFrame) -> Any:
         sub = gpd.GeoSeries(geoms[valid].values, crs=gdf.crs)
         keys[valid.to_numpy()] = sub.hilbert_distance().to_numpy()
     return np.argsort(keys, kind="stable")
+
+
+def rows_per_partition() -> int:
+    """Target rows per partition of the current run [rows].
+
+    Returns
+    -------
+    int
+    """
+    return int(_STATE.get("rows_per_partition") or 50_000)
+
+
+def map_tasks(func: Callable[..., Any], items: Sequence[tuple], label: str = "",
+              sizes: Sequence[int] | None = None) -> Iterator[Any]:
+    """Run ``func(*item)`` for every item on the run's scheduler, in order.
+
+    At most two tasks per worker are in flight, so a stage streamed through
+    this holds only a few partitions at a time. Results are yielded in the
+    order of ``items`` as they become available.
+
+    Parameters
+    ----------
+    func : callable
+        Module-level function (it is pickled for process and cluster workers).
+    items : sequence of tuple
+        Arguments of each task.
+    label : str
+        Name shown on the progress bar.
+    sizes : sequence of int, optional
+        Rows of each task, for the progress bar (default one per task).
+
+    Yields
+    ------
+    object
+        ``func(*item)``, in the order of ``items``.
+    """
+    import dask
+
+    workers = int(_STATE.get("workers") or 1)
+    inflight = max(2, 2 * workers)
+    sizes = list(sizes) if sizes is not None else [1] * len(items)
+    bar = progress_bar(sum(sizes), label)
+    try:
+        client = _STATE.get("client")
+        if client is not None:
+            pending: deque = deque()
+            queue = iter(enumerate(items))
+            for _ in range(inflight):
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.append((nxt[0], client.submit(func, *nxt[1], pure=False)))
+            while pending:
+                pos, future = pending.popleft()
+                result = future.result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.append((nxt[0], client.submit(func, *nxt[1], pure=False)))
+                bar.update(sizes[pos])
+                yield result
+        else:
+            for start in range(0, len(items), inflight):
+                wave = items[start:start + inflight]
+                results = dask.compute(*[dask.delayed(func, pure=False)(*it) for it in wave])
+                for pos, result in enumerate(results, start=start):
+                    bar.update(sizes[pos])
+                    yield result
+    finally:
+        bar.close()
+
+
+def progress_bar(total: int, label: str) -> Any:
+    """A tqdm progress bar on stderr, or a silent stand-in.
+
+    Shown when ``ROOFTOP_PV_PROGRESS=1``, or, when that variable is unset, on
+    a terminal while the ``pipeline`` logger reports INFO (``--quiet`` hides
+    it).
+
+    Parameters
+    ----------
+    total : int
+        Units of work (rows).
+    label : str
+        Description shown before the bar.
+
+    Returns
+    -------
+    object
+        With ``update(n)`` and ``close()``.
+    """
+    setting = os.environ.get(PROGRESS_ENV)
+    if setting is None:
+        show = sys.stderr.isatty() and logging.getLogger("pipeline").isEnabledFor(logging.INFO)
+    else:
+        show = setting.strip().lower() not in ("0", "false", "no", "")
+    if not show or not label:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="rows", unit_scale=True, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -540,26 +540,25 @@ def run(
         Row counts, class count, weather file and warnings, energy totals
         [MWh/yr] and duration [s].
     """
-    import geopandas as gpd
-
-    from pipeline.parallel import map_partitions
+    from pipeline.stream import map_file, read_columns
 
     t0 = time.perf_counter()
     buildings_in, out, classes_out = (
         resolve_path(p, base_dir) for p in (buildings_in, out, classes_out)
     )
     weather = read_weather(weather_cfg, base_dir)
-    buildings = gpd.read_parquet(buildings_in)
-    log.info("yield: %d buildings in from %s", len(buildings), buildings_in)
+    orientations = read_columns(buildings_in, ["tilt_deg", "azimuth_deg"])
+    log.info("yield: %d buildings in from %s", len(orientations), buildings_in)
     step = yield_cfg.orientation_step_deg
-    table = class_yield(orientation_classes(buildings, step), weather, yield_cfg)
-    joined = map_partitions(buildings, join_yield, table, step)
-    _write_atomic(joined, out)
+    table = class_yield(orientation_classes(orientations, step), weather, yield_cfg)
+    rows_in, rows_out, joined = map_file(
+        buildings_in, out, join_yield, table, step, label="yield",
+        keep=("energy_mwh_per_year", "energy_policy_mwh_per_year"))
     _write_atomic(table, classes_out)
     duration = time.perf_counter() - t0
     summary = {
-        "rows_in": len(buildings),
-        "rows_out": len(joined),
+        "rows_in": rows_in,
+        "rows_out": rows_out,
         "orientation_classes": len(table),
         "weather_file": str(weather.source_path),
         "weather_warnings": list(weather.warnings),
@@ -571,7 +570,7 @@ def run(
     }
     log.info(
         "yield: %d rows out to %s, %d classes to %s, %.0f MWh/yr, %.1f s",
-        len(joined), out, len(table), classes_out, summary["energy_mwh_per_year"], duration,
+        rows_out, out, len(table), classes_out, summary["energy_mwh_per_year"], duration,
     )
     return summary
 

@@ -46,8 +46,7 @@ import pandas as pd
 import shapely
 
 from pipeline.config import PipelineConfig, PolicyConfig, RoofConfig
-from pipeline.io import write_parquet_atomic
-from pipeline.parallel import map_partitions
+from pipeline.stream import map_file
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +197,10 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """
     t0 = time.perf_counter()
     d = base_dir / cfg.paths.processed_dir
-    buildings = gpd.read_parquet(d / "classify_buildings.parquet")
-    out = map_partitions(buildings, roof_potential, cfg.roof, cfg.policy)
-    write_parquet_atomic(out, d / "roof_buildings.parquet")
-    stats = {"rows_in": len(buildings), "rows_out": len(out),
+    rows_in, rows_out, out = map_file(
+        d / "classify_buildings.parquet", d / "roof_buildings.parquet", roof_potential,
+        cfg.roof, cfg.policy, keep=("suitable", "capacity_kwp"), label="roof")
+    stats = {"rows_in": rows_in, "rows_out": rows_out,
              "suitable": int(out["suitable"].sum()),
              "capacity_kwp": float(out["capacity_kwp"].sum())}
     log.info("roof: %d buildings in, %d out, %d suitable, %.1f MWp, %.1f s",

@@ -1,0 +1,332 @@
+"""Stream a stage over a GeoParquet file, one partition of row groups at a time.
+
+Ingest writes ``ingest_buildings.parquet`` sorted along a Hilbert curve, one
+row group per partition, so each row group is a compact patch of the map.
+Every later stage reads its input the same way: each partition (one or more
+consecutive row groups, about ``dask.rows_per_partition`` rows) is read *in
+the worker*, run through the stage's kernel and encoded to Arrow there; the
+driver only appends the finished Arrow tables, in order, to one output
+GeoParquet (one row group per partition) and keeps the few attribute columns
+the stage summarises. At most a few partitions are in flight, so memory is
+bounded by the partition size, not by the number of buildings.
+
+The GeoParquet ``geo`` metadata (bounding box, geometry types) is written when
+the file is complete; the file is written to a temporary path and moved into
+place only then (:func:`pipeline.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+from pipeline import parallel
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def partitions(path: Path, rows_per_partition: int | None = None) -> list[list[int]]:
+    """Group a Parquet file's consecutive row groups into partitions.
+
+    Parameters
+    ----------
+    path : Path
+        The GeoParquet file.
+    rows_per_partition : int, optional
+        Target rows per partition [rows] (default: the run's
+        ``dask.rows_per_partition``); a row group is never split.
+
+    Returns
+    -------
+    list of list of int
+        Row-group numbers of each partition, in file order.
+    """
+    meta = pq.ParquetFile(path).metadata
+    target = rows_per_partition or parallel.rows_per_partition()
+    out: list[list[int]] = []
+    rows = 0
+    for i in range(meta.num_row_groups):
+        n = meta.row_group(i).num_rows
+        if out and rows + n <= target:
+            out[-1].append(i)
+            rows += n
+        else:
+            out.append([i])
+            rows = n
+    return out
+
+
+def read_partition(path: Path, row_groups: Sequence[int],
+                   columns: Sequence[str] | None = None) -> gpd.GeoDataFrame | pd.DataFrame:
+    """Read some row groups of a GeoParquet file.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    row_groups : sequence of int
+        Row groups to read.
+    columns : sequence of str, optional
+        Columns to read (default all); without the geometry column the
+        result is a plain DataFrame.
+
+    Returns
+    -------
+    GeoDataFrame or DataFrame
+    """
+    pf = pq.ParquetFile(path)
+    table = pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
+    return _from_arrow(table)
+
+
+def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
+    from geopandas.io.arrow import _arrow_to_geopandas
+
+    geo = (table.schema.metadata or {}).get(b"geo")
+    if geo is None or json.loads(geo)["primary_column"] not in table.column_names:
+        return table.to_pandas()
+    return _arrow_to_geopandas(table, json.loads(geo))
+
+
+def to_arrow(frame: pd.DataFrame) -> pa.Table:
+    """A (Geo)DataFrame as an Arrow table in GeoParquet layout (WKB geometry).
+
+    All-null text columns are typed as strings, so that partitions agree on
+    the schema.
+
+    Parameters
+    ----------
+    frame : DataFrame or GeoDataFrame
+
+    Returns
+    -------
+    pyarrow.Table
+        With GeoParquet ``geo`` metadata for a GeoDataFrame.
+    """
+    if isinstance(frame, gpd.GeoDataFrame):
+        from geopandas.io.arrow import _geopandas_to_arrow
+
+        table = _geopandas_to_arrow(frame, index=False)
+    else:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    nulls = [i for i, f in enumerate(table.schema) if pa.types.is_null(f.type)]
+    for i in nulls:
+        field = table.schema.field(i)
+        table = table.set_column(i, field.with_type(pa.string()),
+                                 table.column(i).cast(pa.string()))
+    return table
+
+
+def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tuple,
+                   kwargs: dict, columns: Sequence[str] | None) -> pa.Table:
+    """Worker side: read, run the kernel, encode."""
+    part = read_partition(Path(path), row_groups, columns)
+    return to_arrow(kernel(part, *args, **kwargs))
+
+
+class GeoParquetWriter:
+    """Append Arrow tables (one row group each) to one GeoParquet file.
+
+    The ``geo`` metadata is merged over all tables (bounding box, geometry
+    types) and written at :meth:`close`. Use as a context manager inside
+    :func:`pipeline.io.atomic_path`.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+        self.geo: dict | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append one table as one row group."""
+        meta = dict(table.schema.metadata or {})
+        geo = json.loads(meta.pop(b"geo")) if b"geo" in meta else None
+        if self.writer is None:
+            self.schema = table.schema.with_metadata(meta)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
+            self.geo = geo
+        else:
+            self._merge_geo(geo)
+            if not table.schema.equals(self.schema, check_metadata=False):
+                try:
+                    table = table.cast(self.schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+                    raise ValueError(f"{self.path}: a partition's columns differ from the "
+                                     f"first partition's ({exc})") from exc
+        table = table.replace_schema_metadata(self.schema.metadata)
+        if table.num_rows or self.rows == 0:
+            self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.rows += table.num_rows
+
+    def _merge_geo(self, geo: dict | None) -> None:
+        if geo is None or self.geo is None or not geo.get("columns"):
+            return
+        for name, col in geo["columns"].items():
+            mine = self.geo["columns"].setdefault(name, col)
+            if mine is col:
+                continue
+            types = sorted(set(mine.get("geometry_types", [])) | set(col.get("geometry_types",
+                                                                              [])))
+            mine["geometry_types"] = types
+            boxes = [b for b in (mine.get("bbox"), col.get("bbox")) if b and np.all(
+                np.isfinite(b))]
+            if boxes:
+                arr = np.array(boxes, dtype=float)
+                mine["bbox"] = [*arr[:, :2].min(axis=0), *arr[:, 2:].max(axis=0)]
+
+    def close(self) -> None:
+        """Write the merged ``geo`` metadata and close the file."""
+        if self.writer is None:
+            return
+        if self.geo is not None:
+            self.writer.add_key_value_metadata({"geo": json.dumps(self.geo)})
+        self.writer.close()
+
+    def __enter__(self) -> GeoParquetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_tables(tables: Iterable[pa.Table], path: Path,
+                 keep: Sequence[str] = ()) -> tuple[int, pd.DataFrame]:
+    """Write Arrow tables to one GeoParquet file atomically.
+
+    Parameters
+    ----------
+    tables : iterable of pyarrow.Table
+        The partitions, in order (at least one, possibly empty).
+    path : Path
+        The file.
+    keep : sequence of str
+        Attribute columns to return for the stage's summary.
+
+    Returns
+    -------
+    tuple of (int, DataFrame)
+        Rows written and the ``keep`` columns of all rows.
+    """
+    kept: list[pd.DataFrame] = []
+    with atomic_path(path) as tmp, GeoParquetWriter(tmp) as writer:
+        for table in tables:
+            writer.write(table)
+            if keep:
+                kept.append(table.select(list(keep)).to_pandas())
+    summary = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=list(keep))
+    return writer.rows, summary
+
+
+def map_file(
+    in_path: Path, out_path: Path, kernel: Callable[..., pd.DataFrame], *args: Any,
+    columns: Sequence[str] | None = None, keep: Sequence[str] = (), label: str = "",
+    **kwargs: Any,
+) -> tuple[int, int, pd.DataFrame]:
+    """Run a stage's kernel over a GeoParquet file, partition by partition.
+
+    Parameters
+    ----------
+    in_path, out_path : Path
+        Input and output GeoParquet files. Paths must be reachable from the
+        workers (a shared file system on a cluster).
+    kernel : callable
+        Module-level ``kernel(partition, *args, **kwargs)``.
+    *args, **kwargs
+        Passed to the kernel (small frames and configs are sent to every
+        partition).
+    columns : sequence of str, optional
+        Input columns to read (default all).
+    keep : sequence of str
+        Output attribute columns returned for the stage's summary.
+    label : str
+        Name of the progress bar.
+
+    Returns
+    -------
+    tuple of (int, int, DataFrame)
+        Rows read, rows written and the ``keep`` columns.
+    """
+    in_path = Path(in_path).resolve()
+    parts = partitions(in_path)
+    rows_in = pq.ParquetFile(in_path).metadata.num_rows
+    if not parts:  # a file without row groups: run the kernel on the empty frame
+        empty = read_partition(in_path, [], columns)
+        tables: Iterator[pa.Table] = iter([to_arrow(kernel(empty, *args, **kwargs))])
+    else:
+        sizes = _partition_rows(in_path, parts)
+        tables = parallel.map_tasks(
+            _run_partition, [(str(in_path), p, kernel, args, kwargs, columns) for p in parts],
+            label=label, sizes=sizes)
+    rows_out, summary = write_tables(tables, out_path, keep)
+    return rows_in, rows_out, summary
+
+
+def _partition_rows(path: Path, parts: list[list[int]]) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [sum(meta.row_group(i).num_rows for i in p) for p in parts]
+
+
+def read_columns(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read some attribute columns of a (Geo)Parquet file, without geometry.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    columns : sequence of str
+        Columns to read.
+
+    Returns
+    -------
+    DataFrame
+    """
+    return pq.read_table(path, columns=list(columns)).to_pandas()
+
+
+def spatial_keys(geoms: np.ndarray, bounds: Sequence[float], level: int = 16) -> np.ndarray:
+    """Hilbert-curve distance of geometry centres over fixed bounds.
+
+    With the same ``bounds`` for every chunk the keys of different chunks are
+    comparable, so chunks can be sorted independently and merged.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+    bounds : sequence of float
+        ``(xmin, ymin, xmax, ymax)`` of the study area (the districts) [m].
+    level : int
+        Curve level (the grid has ``2**level`` cells a side).
+
+    Returns
+    -------
+    ndarray of int64
+        Keys; rows without geometry get the largest key.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    ok = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    keys = np.full(len(geoms), np.iinfo(np.int64).max, dtype=np.int64)
+    if ok.any():
+        b = shapely.bounds(geoms[ok])
+        x, y = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        xmin, ymin, xmax, ymax = bounds
+        centres = gpd.GeoSeries(shapely.points(np.clip(x, xmin, xmax), np.clip(y, ymin, ymax)))
+        keys[ok] = centres.hilbert_distance(total_bounds=bounds, level=level).to_numpy()
+    return keys
