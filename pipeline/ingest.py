@@ -32,23 +32,29 @@ kept and rejected features per source.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import shapely
 
 from pipeline.columns import map_unique, records_json
 from pipeline.config import DistrictsConfig, PipelineConfig, SourceConfig
 from pipeline.errors import InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
-from pipeline.io import read_vector, write_parquet_atomic
-from pipeline.parallel import map_partitions
+from pipeline.io import PARQUET_SUFFIXES, read_vector, write_parquet_atomic
+from pipeline.parallel import map_tasks, rows_per_partition
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ POLYGONAL = ("Polygon", "MultiPolygon")
 #: shapely type ids to the geometry type names GEOS reports
 _GEOM_TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LinearRing", 3: "Polygon", 4: "MultiPoint",
                     5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
+#: columns of ingest_buildings.parquet, in order
+KEPT_COLUMNS = ["building_id", "source", "source_id", "district_name", "district_adcode",
+                *ATTRIBUTE_COLUMNS, "footprint_area_m2", "geometry_repaired", "geometry"]
 #: canonical columns whose value makes a non-building polygon a classification area
 AREA_TAGS = ("tag_amenity", "tag_landuse", "tag_office", "tag_government", "tag_industrial",
              "land_use_code", "class_field")
@@ -444,6 +453,13 @@ def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gp
 def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """Ingest every source; write the stage's GeoParquet files.
 
+    Sources are read in chunks (GeoParquet row groups, slices of large GDAL
+    layers) by the workers; each chunk is normalised, assigned to districts
+    and its kept buildings sorted along a Hilbert curve over the districts'
+    extent and spilled to disk. The spills are then merged into
+    ``ingest_buildings.parquet``, spatially sorted, one row group per
+    partition, so that later stages stream compact patches of the map.
+
     Parameters
     ----------
     cfg : PipelineConfig
@@ -459,69 +475,318 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """
     t0 = time.perf_counter()
     out_dir = base_dir / cfg.paths.processed_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
-    parts, accounting = [], {}
-    for src in cfg.sources:
-        ts = time.perf_counter()
-        raw = read_source(src, base_dir)
-        norm = map_partitions(
-            raw, normalise_footprints, cfg.working_crs, cfg.ingest.min_footprint_area_m2,
-            cfg.ingest.max_footprint_area_m2, src.building_filter,
-        )
-        norm["building_id"] = _unique_ids(src.name, norm["source_id"])
-        parts.append(norm)
-        log.info("ingest %s: %d features read in %.1f s", src.name, len(raw),
-                 time.perf_counter() - ts)
-    allf = pd.concat(parts, ignore_index=True)
-    allf = gpd.GeoDataFrame(allf, geometry="geometry", crs=cfg.working_crs)
-    bmask = allf["role"].eq("building").to_numpy()
-    located = map_partitions(allf[bmask], assign_districts, districts)
-    allf["district_name"] = pd.Series(pd.NA, index=allf.index, dtype="object")
-    allf["district_adcode"] = pd.Series(pd.NA, index=allf.index, dtype="object")
-    allf.loc[located.index, "district_name"] = located["district_name"]
-    allf.loc[located.index, "district_adcode"] = located["district_adcode"]
-    outside = bmask & allf["district_name"].isna().to_numpy()
-    allf.loc[outside, "reason"] = "centroid outside every district boundary"
-    allf.loc[outside, "role"] = "rejected"
+    bounds = tuple(float(v) for v in districts.total_bounds)
+    spill_dir = Path(tempfile.mkdtemp(prefix=".ingest_spill_", dir=out_dir))
+    try:
+        tasks = []
+        for src in cfg.sources:
+            for n, (chunk, ids) in enumerate(source_chunks(src, base_dir)):
+                tasks.append((src, chunk, ids, districts, cfg.working_crs,
+                              cfg.ingest.min_footprint_area_m2,
+                              cfg.ingest.max_footprint_area_m2, bounds,
+                              str(spill_dir / f"{src.name}_{n:06d}.arrow")))
+        sizes = [len(t[2]) for t in tasks]
+        results = list(map_tasks(ingest_chunk, tasks, label="ingest", sizes=sizes))
+        rows_kept, _ = merge_spills(results, out_dir / "ingest_buildings.parquet")
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
-    kept = allf[allf["role"].eq("building")].drop(columns=["role", "reason",
-                                                           "original_attributes"])
-    cols = ["building_id", "source", "source_id", "district_name", "district_adcode",
-            *ATTRIBUTE_COLUMNS, "footprint_area_m2", "geometry_repaired", "geometry"]
-    kept = kept[cols].reset_index(drop=True)
-    areas = allf[allf["role"].eq("area")][["building_id", "source", "source_id",
+    def gather(key: str) -> gpd.GeoDataFrame:
+        frames = [r[key] for r in results]
+        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
+                                crs=cfg.working_crs)
+
+    areas, pois, rejected = gather("areas"), gather("pois"), gather("rejected")
+    accounting = {}
+    for src in cfg.sources:
+        mine = [r for r in results if r["source"] == src.name]
+        by_reason: dict[str, int] = {}
+        for r in mine:
+            for reason, count in r["rejected_by_reason"].items():
+                by_reason[reason] = by_reason.get(reason, 0) + count
+        accounting[src.name] = {
+            "read": sum(r["read"] for r in mine),
+            "kept": sum(r["kept"] for r in mine),
+            "rejected": sum(by_reason.values()),
+            "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+        }
+        acc = accounting[src.name]
+        assert acc["read"] == acc["kept"] + acc["rejected"], acc
+    assert rows_kept == sum(a["kept"] for a in accounting.values())
+
+    write_parquet_atomic(areas, out_dir / "ingest_areas.parquet")
+    write_parquet_atomic(pois, out_dir / "ingest_pois.parquet")
+    write_parquet_atomic(rejected, out_dir / "ingest_rejected.parquet")
+    _write_json_atomic(accounting, out_dir / "ingest_accounting.json")
+    log.info("ingest: %d features read, %d buildings kept, %d rejected, %d areas, %d POIs "
+             "in %.1f s", sum(a["read"] for a in accounting.values()), rows_kept,
+             len(rejected), len(areas), len(pois), time.perf_counter() - t0)
+    return accounting
+
+
+# --------------------------------------------------------------------------- chunks
+def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.ndarray]]:
+    """Split a source into chunks that workers read themselves.
+
+    GeoParquet files are split by row groups and large GDAL layers into
+    slices of about ``dask.rows_per_partition`` features; OSM extracts,
+    height rasters and small files are read here, whole. Building ids are
+    made here, over the whole source, so that repeated source ids get the
+    same ``#n`` suffix however the source is chunked.
+
+    Parameters
+    ----------
+    src : SourceConfig
+        The source.
+    base_dir : Path
+        Project root.
+
+    Returns
+    -------
+    list of (chunk, building_ids)
+        ``chunk`` is ``("frame", gdf, offset)``, ``("parquet", path,
+        row_groups, offset)`` or ``("gdal", path, skip, count, offset)``
+        for :func:`read_chunk`; ``building_ids`` the ids of its rows.
+    """
+    import pyogrio
+
+    from pipeline.stream import partitions
+
+    path = (base_dir / src.path) if not src.path.is_absolute() else src.path
+    size = rows_per_partition()
+    chunks: list[tuple] = []
+    ids_field: np.ndarray | None = None
+    if src.kind == "vector" and path.suffix.lower() in PARQUET_SUFFIXES and path.is_file():
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as exc:  # pyarrow raises several types
+            raise InputError(path, f"not a readable GeoParquet file ({exc})",
+                             fix="replace it with a complete GeoParquet file") from exc
+        offset = 0
+        for rgs in partitions(path, size):
+            chunks.append(("parquet", path, rgs, offset))
+            offset += sum(meta.row_group(i).num_rows for i in rgs)
+        n = meta.num_rows
+        if src.id_field and src.id_field in pq.ParquetFile(path).schema_arrow.names:
+            ids_field = pq.read_table(path, columns=[src.id_field])[src.id_field].to_numpy(
+                zero_copy_only=False)
+    elif src.kind == "vector" and path.is_file() and (
+            n := _feature_count(path, src.layer)) > size:
+        chunks = [("gdal", path, skip, min(size, n - skip), skip) for skip in range(0, n, size)]
+        if src.id_field:
+            try:
+                ids_frame = pyogrio.read_dataframe(path, layer=src.layer, columns=[src.id_field],
+                                                   read_geometry=False, encoding=src.encoding)
+                ids_field = ids_frame[src.id_field].to_numpy()
+            except Exception:  # noqa: BLE001 - a missing field is reported by the chunk reader
+                ids_field = None
+    else:
+        raw = read_source(src, base_dir)
+        n = len(raw)
+        chunks = [("frame", raw.iloc[a:a + size], a) for a in range(0, max(n, 1), size)]
+        ids_field = None
+        source_ids = raw["source_id"]
+        return _with_ids(src, chunks, source_ids)
+    if ids_field is not None and len(ids_field) == n:
+        source_ids = pd.Series(_id_text(ids_field))
+    else:
+        source_ids = pd.Series(np.char.mod("%d", np.arange(n)), dtype=object)
+    return _with_ids(src, chunks, source_ids)
+
+
+def _with_ids(src: SourceConfig, chunks: list[tuple], source_ids: pd.Series
+              ) -> list[tuple[tuple, np.ndarray]]:
+    ids = _unique_ids(src.name, source_ids.reset_index(drop=True))
+    out = []
+    for chunk in chunks:
+        offset = chunk[-1]
+        rows = (len(chunk[1]) if chunk[0] == "frame" else chunk[3] if chunk[0] == "gdal"
+                else None)
+        if rows is None:
+            nxt = [c[-1] for c in chunks if c[-1] > offset]
+            rows = (min(nxt) if nxt else len(ids)) - offset
+        out.append((chunk, ids[offset:offset + rows]))
+    return out
+
+
+def _feature_count(path: Path, layer: str | None) -> int:
+    import pyogrio
+
+    try:
+        return int(pyogrio.read_info(path, layer=layer)["features"])
+    except Exception:  # noqa: BLE001 - read_vector reports unreadable files with a fix
+        return -1
+
+
+def read_chunk(src: SourceConfig, chunk: tuple) -> gpd.GeoDataFrame:
+    """Read one chunk of a source into canonical columns (in its own CRS).
+
+    Parameters
+    ----------
+    src : SourceConfig
+        The source.
+    chunk : tuple
+        From :func:`source_chunks`.
+
+    Returns
+    -------
+    GeoDataFrame
+        As :func:`read_source`, for the chunk's rows; ``source_id`` counts
+        rows over the whole source when the source has no id field.
+    """
+    kind = chunk[0]
+    if kind == "frame":
+        return chunk[1]
+    path = chunk[1]
+    if kind == "parquet":
+        from pipeline.stream import read_partition
+
+        raw = read_partition(path, chunk[2])
+    else:
+        import pyogrio
+
+        raw = pyogrio.read_dataframe(path, layer=src.layer, skip_features=chunk[2],
+                                     max_features=chunk[3],
+                                     **({"encoding": src.encoding} if src.encoding else {}))
+    if raw.crs is None:
+        if src.crs_if_missing is None:
+            raise InputError(
+                path, "the file has no CRS", field="crs",
+                fix=f"add a .prj / CRS to the file, or set sources[{src.name}].crs_if_missing "
+                "to the CRS its coordinates are in (e.g. EPSG:4326)",
+            )
+        raw = raw.set_crs(src.crs_if_missing)
+    out = _canonical(raw.reset_index(drop=True), src, path)
+    if not src.id_field:
+        out["source_id"] = np.char.mod("%d", np.arange(chunk[-1], chunk[-1] + len(out)))
+    return out
+
+
+def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
+                 districts: gpd.GeoDataFrame, working_crs: str, min_area_m2: float,
+                 max_area_m2: float, bounds: tuple[float, float, float, float],
+                 spill_path: str) -> dict:
+    """Read, normalise and locate one chunk; spill its kept buildings (a task).
+
+    Parameters
+    ----------
+    src : SourceConfig
+        The source.
+    chunk : tuple
+        From :func:`source_chunks`.
+    building_ids : ndarray of str
+        The ids of the chunk's rows.
+    districts : GeoDataFrame
+        District boundaries in ``working_crs``.
+    working_crs : str
+        Metric working CRS.
+    min_area_m2, max_area_m2 : float
+        Plausible footprint area range [m2].
+    bounds : tuple of float
+        Extent of the districts [m], for the Hilbert keys.
+    spill_path : str
+        Arrow IPC file for the kept buildings, sorted by Hilbert key.
+
+    Returns
+    -------
+    dict
+        ``source``, ``read``, ``kept``, ``rejected_by_reason``, ``keys``
+        (sorted Hilbert keys of the spilled rows), ``spill``, and the
+        ``areas``, ``pois`` and ``rejected`` rows as GeoDataFrames.
+    """
+    from pipeline.stream import spatial_keys, to_arrow
+
+    raw = read_chunk(src, chunk).reset_index(drop=True)
+    norm = normalise_footprints(raw, working_crs, min_area_m2, max_area_m2,
+                                src.building_filter)
+    norm["building_id"] = np.asarray(building_ids, dtype=object)
+    bmask = norm["role"].eq("building").to_numpy()
+    located = assign_districts(norm[bmask], districts)
+    norm["district_name"] = pd.Series(pd.NA, index=norm.index, dtype="object")
+    norm["district_adcode"] = pd.Series(pd.NA, index=norm.index, dtype="object")
+    norm.loc[located.index, "district_name"] = located["district_name"]
+    norm.loc[located.index, "district_adcode"] = located["district_adcode"]
+    outside = bmask & norm["district_name"].isna().to_numpy()
+    norm.loc[outside, "reason"] = "centroid outside every district boundary"
+    norm.loc[outside, "role"] = "rejected"
+
+    kept = norm[norm["role"].eq("building")]
+    kept = gpd.GeoDataFrame(kept[KEPT_COLUMNS], geometry="geometry", crs=working_crs)
+    keys = spatial_keys(kept.geometry.to_numpy(), bounds)
+    order = np.argsort(keys, kind="stable")
+    table = to_arrow(kept.iloc[order].reset_index(drop=True))
+    with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    areas = norm[norm["role"].eq("area")][["building_id", "source", "source_id",
                                            *ATTRIBUTE_COLUMNS, "geometry"]]
-    pois = allf[allf["role"].eq("poi")][["building_id", "source", "source_id",
+    pois = norm[norm["role"].eq("poi")][["building_id", "source", "source_id",
                                          *ATTRIBUTE_COLUMNS, "geometry"]].copy()
     pois["poi_category"] = (pois["tag_amenity"].fillna(pois["tag_office"])
                             .fillna(pois["tag_shop"]).fillna(pois["tag_tourism"])
                             .fillna(pois["class_field"]))
-    rejected = allf[allf["reason"].notna()][
+    rejected = norm[norm["reason"].notna()][
         ["building_id", "source", "source_id", "name", "reason", "original_attributes",
          "geometry"]].copy()
     rejected.insert(4, "stage", "ingest")
+    return {
+        "source": src.name, "read": len(norm), "kept": len(kept),
+        "rejected_by_reason": {str(k): int(v) for k, v in
+                               rejected["reason"].value_counts().items()},
+        "keys": keys[order], "spill": spill_path,
+        "areas": areas, "pois": pois, "rejected": rejected,
+    }
 
-    for src in cfg.sources:
-        sel = allf["source"].eq(src.name)
-        by_reason = allf.loc[sel & allf["reason"].notna(), "reason"].value_counts()
-        accounting[src.name] = {
-            "read": int(sel.sum()),
-            "kept": int((sel & allf["role"].eq("building")).sum()),
-            "rejected": int((sel & allf["reason"].notna()).sum()),
-            "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
-        }
-        acc = accounting[src.name]
-        assert acc["read"] == acc["kept"] + acc["rejected"], acc
 
-    write_parquet_atomic(areas.reset_index(drop=True), out_dir / "ingest_areas.parquet")
-    write_parquet_atomic(pois.reset_index(drop=True), out_dir / "ingest_pois.parquet")
-    write_parquet_atomic(rejected.reset_index(drop=True), out_dir / "ingest_rejected.parquet")
-    _write_json_atomic(accounting, out_dir / "ingest_accounting.json")
-    write_parquet_atomic(kept, out_dir / "ingest_buildings.parquet")
-    log.info("ingest: %d features read, %d buildings kept, %d rejected, %d areas, %d POIs "
-             "in %.1f s", len(allf), len(kept), len(rejected), len(areas), len(pois),
-             time.perf_counter() - t0)
-    return accounting
+def merge_spills(results: list[dict], out: Path) -> tuple[int, int]:
+    """Merge the chunks' sorted spills into one spatially sorted GeoParquet.
+
+    Partition boundaries are quantiles of all Hilbert keys, so partitions
+    hold about ``dask.rows_per_partition`` rows each; each partition reads
+    only its key range from every spill (memory-mapped) and becomes one row
+    group.
+
+    Parameters
+    ----------
+    results : list of dict
+        From :func:`ingest_chunk`.
+    out : Path
+        ``ingest_buildings.parquet``.
+
+    Returns
+    -------
+    tuple of int
+        Rows and row groups written.
+    """
+    from pipeline.stream import write_tables
+
+    keys = [r["keys"] for r in results]
+    all_keys = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+    size = rows_per_partition()
+    edges = [None, *all_keys[size::size].tolist(), None]
+
+    def tables() -> Iterator[pa.Table]:
+        wrote = False
+        for lo, hi in itertools.pairwise(edges):
+            parts, part_keys = [], []
+            for r, k in zip(results, keys, strict=True):
+                a = 0 if lo is None else int(np.searchsorted(k, lo, "left"))
+                b = len(k) if hi is None else int(np.searchsorted(k, hi, "left"))
+                if b > a or (not wrote and not parts):
+                    # memory-mapped: only the slice's pages are read; take() below copies
+                    spill = pa.ipc.open_file(pa.memory_map(r["spill"], "r")).read_all()
+                    parts.append(spill.slice(a, b - a))
+                    part_keys.append(k[a:b])
+            table = pa.concat_tables(parts, promote_options="permissive")
+            if table.num_rows == 0 and wrote:
+                continue
+            order = np.argsort(np.concatenate(part_keys), kind="stable")
+            yield table.take(pa.array(order)).combine_chunks()
+            wrote = True
+
+    rows, _ = write_tables(tables(), out)
+    return rows, max(len(edges) - 1, 1)
 
 
 def _unique_ids(source: str, source_id: pd.Series) -> np.ndarray:

@@ -83,7 +83,7 @@ def scheduler_context(
             if scheduler == "local-cluster":
                 cluster = LocalCluster(
                     n_workers=n_workers, threads_per_worker=1, processes=True,
-                    dashboard_address=None,
+                    dashboard_address=":0",  # any free port: 8787 may be taken
                 )
                 with cluster, Client(cluster) as client:
                     _STATE["client"] = client
