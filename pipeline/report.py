@@ -44,10 +44,12 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
+from pipeline.stream import parquet_to_gpkg_layer, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +268,7 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = "{:,.1f}") -> str:
     return "\n".join([head, sep, *body])
 
 
-def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
+def write_geopackage(path: Path, layers: dict[str, pd.DataFrame | Path]) -> None:
     """Write layers to a GeoPackage atomically (all layers, or nothing).
 
     Parameters
@@ -274,12 +276,16 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
     path : Path
         The GeoPackage.
     layers : dict
-        Layer name to (Geo)DataFrame; plain DataFrames become attribute tables.
+        Layer name to (Geo)DataFrame (plain DataFrames become attribute
+        tables) or to the Path of a polygon GeoParquet, copied by row groups.
     """
     import pyogrio
 
     with atomic_path(path) as tmp:
         for name, frame in layers.items():
+            if isinstance(frame, Path):  # a GeoParquet file, streamed by row groups
+                parquet_to_gpkg_layer(frame, tmp, name)
+                continue
             kwargs: dict = {"layer": name, "driver": "GPKG"}
             if isinstance(frame, gpd.GeoDataFrame):
                 types = set(frame.geometry.dropna().geom_type)
@@ -296,10 +302,9 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
 def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
     import shapely
 
-    arr = geoms.array
-    is_poly = np.array([g is not None and g.geom_type == "Polygon" for g in arr])
-    out = np.array(arr, dtype=object)
-    out[is_poly] = [shapely.MultiPolygon([g]) for g in out[is_poly]]
+    out = np.array(geoms.array, dtype=object)
+    is_poly = shapely.get_type_id(out) == shapely.GeometryType.POLYGON
+    out[is_poly] = shapely.multipolygons(out[is_poly], indices=np.arange(int(is_poly.sum())))
     return gpd.GeoSeries(out, index=geoms.index, crs=geoms.crs)
 
 
@@ -323,7 +328,10 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     t0 = time.perf_counter()
     proc = base_dir / cfg.paths.processed_dir
     outdir = base_dir / cfg.paths.outputs_dir
-    buildings = gpd.read_parquet(proc / "yield_buildings.parquet")
+    # attributes only: the geometry is streamed into the GeoPackage by row groups
+    buildings_path = proc / "yield_buildings.parquet"
+    buildings = read_columns(buildings_path, [
+        c for c in pq.ParquetFile(buildings_path).schema_arrow.names if c != "geometry"])
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
     kept = sum(a["kept"] for a in accounting.values())
@@ -335,7 +343,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     dlayer = district_layer(districts, buildings, cfg.policy, targets)
     by_type = summarise(buildings, ["district_name", "building_type"])
     layers = {
-        "buildings": buildings,
+        "buildings": buildings_path,
         "districts": dlayer,
         "targets": pd.DataFrame(targets),
         "district_types": by_type,

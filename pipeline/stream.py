@@ -330,3 +330,77 @@ def spatial_keys(geoms: np.ndarray, bounds: Sequence[float], level: int = 16) ->
         centres = gpd.GeoSeries(shapely.points(np.clip(x, xmin, xmax), np.clip(y, ymin, ymax)))
         keys[ok] = centres.hilbert_distance(total_bounds=bounds, level=level).to_numpy()
     return keys
+
+
+_POLYGON_WKB_HEADS = (b"\x01\x03\x00\x00\x00", b"\x00\x00\x00\x00\x03")  # LE, BE
+_MULTI_OF_ONE = b"\x01\x06\x00\x00\x00\x01\x00\x00\x00"  # LE MultiPolygon with 1 part
+
+
+def polygons_to_multi_wkb(wkb: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Wrap each 2D Polygon WKB in a one-part MultiPolygon, without decoding.
+
+    A MultiPolygon WKB is its header (byte order, type 6, part count) followed
+    by the parts' own WKB, so a Polygon becomes a MultiPolygon by a 9-byte
+    prefix. Other geometries and nulls are unchanged.
+
+    Parameters
+    ----------
+    wkb : pyarrow binary array
+        ISO WKB geometries.
+
+    Returns
+    -------
+    pyarrow binary array
+    """
+    import pyarrow.compute as pc
+
+    btype = wkb.type
+    head = pc.binary_slice(wkb, 0, 5)
+    is_poly = pc.or_(pc.equal(head, pa.scalar(_POLYGON_WKB_HEADS[0], btype)),
+                     pc.equal(head, pa.scalar(_POLYGON_WKB_HEADS[1], btype)))
+    multi = pc.binary_join_element_wise(pa.scalar(_MULTI_OF_ONE, btype), wkb,
+                                        pa.scalar(b"", btype))
+    return pc.if_else(pc.fill_null(is_poly, False), multi, wkb)
+
+
+def parquet_to_gpkg_layer(parquet: Path, gpkg: Path, layer: str) -> int:
+    """Copy a polygon GeoParquet into a GeoPackage layer, one row group at a time.
+
+    Geometry stays WKB throughout (Polygons are promoted to MultiPolygons
+    by :func:`polygons_to_multi_wkb`) and each row group is appended to the
+    layer, so memory holds one partition.
+
+    Parameters
+    ----------
+    parquet : Path
+        The (Multi)Polygon GeoParquet.
+    gpkg : Path
+        The GeoPackage (created if absent; other layers are kept).
+    layer : str
+        Layer name (the layer must not exist yet).
+
+    Returns
+    -------
+    int
+        Features written.
+    """
+    import pyogrio
+    from pyproj import CRS
+
+    pf = pq.ParquetFile(parquet)
+    geo = json.loads(pf.metadata.metadata[b"geo"])
+    name = geo["primary_column"]
+    crs = geo["columns"][name].get("crs", "OGC:CRS84")
+    crs_wkt = CRS.from_user_input(crs).to_wkt() if crs is not None else None
+    rows = 0
+    groups = range(pf.metadata.num_row_groups) or [None]
+    for i in groups:
+        table = pf.read_row_group(i) if i is not None else pf.schema_arrow.empty_table()
+        pos = table.schema.get_field_index(name)
+        table = table.set_column(pos, name, polygons_to_multi_wkb(table.column(name)))
+        table = table.replace_schema_metadata(None)
+        pyogrio.write_arrow(table, gpkg, layer=layer, driver="GPKG", geometry_name=name,
+                            geometry_type="MultiPolygon", crs=crs_wkt, append=rows > 0 or (
+                                i is not None and i > 0))
+        rows += table.num_rows
+    return rows
