@@ -113,8 +113,13 @@ def read_source(src: SourceConfig, base_dir: Path) -> gpd.GeoDataFrame:
     return _canonical(raw, src, path)
 
 
-def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoDataFrame:
-    """Map a source's fields to the canonical attribute columns."""
+def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path,
+               with_json: bool = True) -> gpd.GeoDataFrame:
+    """Map a source's fields to the canonical attribute columns.
+
+    ``original_attributes`` is null when ``with_json`` is False (chunked
+    ingest fills it for rejected rows only).
+    """
     missing = sorted(v for v in src.columns.values() if v not in raw.columns)
     if missing:
         raise InputError(
@@ -144,7 +149,8 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoD
         else:
             out[col] = _text(values, src.text_repair)
     attr_cols = [c for c in raw.columns if c != raw.geometry.name]
-    out["original_attributes"] = _records_json(raw[attr_cols])
+    out["original_attributes"] = (_records_json(raw[attr_cols]) if with_json
+                                  else pd.Series(None, index=out.index, dtype="object"))
     return gpd.GeoDataFrame(out, geometry=raw.geometry.to_numpy(), crs=raw.crs)
 
 
@@ -620,7 +626,8 @@ def _feature_count(path: Path, layer: str | None) -> int:
         return -1
 
 
-def read_chunk(src: SourceConfig, chunk: tuple) -> gpd.GeoDataFrame:
+def read_chunk(src: SourceConfig, chunk: tuple
+               ) -> tuple[gpd.GeoDataFrame, pd.DataFrame | None]:
     """Read one chunk of a source into canonical columns (in its own CRS).
 
     Parameters
@@ -632,13 +639,15 @@ def read_chunk(src: SourceConfig, chunk: tuple) -> gpd.GeoDataFrame:
 
     Returns
     -------
-    GeoDataFrame
-        As :func:`read_source`, for the chunk's rows; ``source_id`` counts
-        rows over the whole source when the source has no id field.
+    tuple of (GeoDataFrame, DataFrame or None)
+        As :func:`read_source`, for the chunk's rows (``source_id`` counts
+        rows over the whole source when the source has no id field), but
+        ``original_attributes`` left null; and the raw attributes to fill it
+        from for the rows that are rejected (None when already filled).
     """
     kind = chunk[0]
     if kind == "frame":
-        return chunk[1]
+        return chunk[1], None
     path = chunk[1]
     if kind == "parquet":
         from pipeline.stream import read_partition
@@ -658,10 +667,11 @@ def read_chunk(src: SourceConfig, chunk: tuple) -> gpd.GeoDataFrame:
                 "to the CRS its coordinates are in (e.g. EPSG:4326)",
             )
         raw = raw.set_crs(src.crs_if_missing)
-    out = _canonical(raw.reset_index(drop=True), src, path)
+    raw = raw.reset_index(drop=True)
+    out = _canonical(raw, src, path, with_json=False)
     if not src.id_field:
         out["source_id"] = np.char.mod("%d", np.arange(chunk[-1], chunk[-1] + len(out)))
-    return out
+    return out, raw.drop(columns=raw.geometry.name)
 
 
 def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
@@ -698,9 +708,9 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     """
     from pipeline.stream import spatial_keys, to_arrow
 
-    raw = read_chunk(src, chunk).reset_index(drop=True)
-    norm = normalise_footprints(raw, working_crs, min_area_m2, max_area_m2,
-                                src.building_filter)
+    canonical, attributes = read_chunk(src, chunk)
+    norm = normalise_footprints(canonical.reset_index(drop=True), working_crs, min_area_m2,
+                                max_area_m2, src.building_filter)
     norm["building_id"] = np.asarray(building_ids, dtype=object)
     bmask = norm["role"].eq("building").to_numpy()
     located = assign_districts(norm[bmask], districts)
@@ -729,6 +739,8 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     rejected = norm[norm["reason"].notna()][
         ["building_id", "source", "source_id", "name", "reason", "original_attributes",
          "geometry"]].copy()
+    if attributes is not None:
+        rejected["original_attributes"] = _records_json(attributes.loc[rejected.index])
     rejected.insert(4, "stage", "ingest")
     return {
         "source": src.name, "read": len(norm), "kept": len(kept),
