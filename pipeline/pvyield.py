@@ -552,7 +552,7 @@ def run(
     step = yield_cfg.orientation_step_deg
     table = class_yield(orientation_classes(orientations, step), weather, yield_cfg)
     rows_in, rows_out, joined = map_file(
-        buildings_in, out, join_yield, table, step, label="yield",
+        buildings_in, out, join_yield, table, step, label="yield", geometry="skip",
         keep=("energy_mwh_per_year", "energy_policy_mwh_per_year"))
     _write_atomic(table, classes_out)
     duration = time.perf_counter() - t0

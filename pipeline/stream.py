@@ -129,10 +129,34 @@ def to_arrow(frame: pd.DataFrame) -> pa.Table:
 
 
 def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tuple,
-                   kwargs: dict, columns: Sequence[str] | None) -> pa.Table:
-    """Worker side: read, run the kernel, encode."""
-    part = read_partition(Path(path), row_groups, columns)
-    return to_arrow(kernel(part, *args, **kwargs))
+                   kwargs: dict, columns: Sequence[str] | None, geometry: str) -> pa.Table:
+    """Worker side: read, run the kernel, encode.
+
+    The kernels leave geometry unchanged, so the input's WKB column is put
+    back on the output instead of encoding the geometry again; with
+    ``geometry="skip"`` the kernel gets a plain DataFrame and the geometry
+    is never decoded.
+    """
+    pf = pq.ParquetFile(path)
+    table = pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
+    geo = json.loads((table.schema.metadata or {}).get(b"geo", b"null"))
+    name = geo["primary_column"] if geo else None
+    if name is None or name not in table.column_names:
+        return to_arrow(kernel(_from_arrow(table), *args, **kwargs))
+    wkb = table.column(name)
+    if geometry == "skip":
+        part = table.drop_columns([name]).to_pandas()
+    else:
+        part = _from_arrow(table)
+    out = kernel(part, *args, **kwargs)
+    if len(out) != table.num_rows or not out.index.equals(part.index):
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)} must keep the partition's rows")
+    if isinstance(out, gpd.GeoDataFrame) and isinstance(part, gpd.GeoDataFrame) and (
+            out.crs != part.crs):
+        return to_arrow(out)  # reprojected: the input WKB no longer applies
+    attrs = to_arrow(pd.DataFrame(out.drop(columns=[name], errors="ignore")))
+    return attrs.append_column(table.schema.field(name), wkb).replace_schema_metadata(
+        {**(attrs.schema.metadata or {}), b"geo": json.dumps(geo).encode()})
 
 
 class GeoParquetWriter:
@@ -238,7 +262,7 @@ def write_tables(tables: Iterable[pa.Table], path: Path,
 def map_file(
     in_path: Path, out_path: Path, kernel: Callable[..., pd.DataFrame], *args: Any,
     columns: Sequence[str] | None = None, keep: Sequence[str] = (), label: str = "",
-    **kwargs: Any,
+    geometry: str = "read", **kwargs: Any,
 ) -> tuple[int, int, pd.DataFrame]:
     """Run a stage's kernel over a GeoParquet file, partition by partition.
 
@@ -258,6 +282,11 @@ def map_file(
         Output attribute columns returned for the stage's summary.
     label : str
         Name of the progress bar.
+    geometry : str
+        ``read`` gives the kernel a GeoDataFrame; ``skip`` a DataFrame
+        without the geometry (for kernels that only use attributes). Either
+        way the kernel must keep the rows and leave the geometry unchanged:
+        the output carries the input's geometry.
 
     Returns
     -------
@@ -273,7 +302,8 @@ def map_file(
     else:
         sizes = _partition_rows(in_path, parts)
         tables = parallel.map_tasks(
-            _run_partition, [(str(in_path), p, kernel, args, kwargs, columns) for p in parts],
+            _run_partition,
+            [(str(in_path), p, kernel, args, kwargs, columns, geometry) for p in parts],
             label=label, sizes=sizes)
     rows_out, summary = write_tables(tables, out_path, keep)
     return rows_in, rows_out, summary
