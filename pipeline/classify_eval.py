@@ -389,25 +389,75 @@ def evaluate_sets(
     list of EvalResult
         One result per labelled set with at least one building.
     """
-    results = []
-    if which in ("all", "cbdc"):
-        labels = read_cbdc_labels(cbdc_labels)
+    labels = read_cbdc_labels(cbdc_labels) if which in ("all", "cbdc") else None
+    pairs = labelled_predictions(buildings, areas, pois, rules, labels, which)
+    return [evaluate(truth, predicted, title=title) for title, truth, predicted in pairs]
+
+
+def labelled_predictions(
+    buildings: gpd.GeoDataFrame,
+    areas: gpd.GeoDataFrame,
+    pois: gpd.GeoDataFrame,
+    rules: ClassificationRules,
+    cbdc_labels: pd.DataFrame | None,
+    which: str = "all",
+) -> list[tuple[str, pd.Series, pd.Series]]:
+    """True and predicted types of each labelled set (a per-partition kernel).
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Ingest-stage buildings, or one partition of them.
+    areas, pois : GeoDataFrame
+        Context layers, same CRS.
+    rules : ClassificationRules
+        The rules.
+    cbdc_labels : DataFrame or None
+        From :func:`read_cbdc_labels` (None skips the CBDC sets).
+    which : str
+        ``all``, ``cbdc`` or ``osm``.
+
+    Returns
+    -------
+    list of (title, truth, predicted)
+        For each labelled set with at least one building.
+    """
+    out = []
+    if which in ("all", "cbdc") and cbdc_labels is not None:
         for hide, title in ((False, "CBDC prototypes, survey codes visible"),
                             (True, "CBDC prototypes, survey codes hidden (names only)")):
-            frame, truth = cbdc_labelled_set(buildings, labels, hide_codes=hide)
+            frame, truth = cbdc_labelled_set(buildings, cbdc_labels, hide_codes=hide)
             if len(frame):
-                results.append(measure(frame, truth, areas, pois, rules, title)[0])
+                classified = classify_buildings(frame, areas, pois, rules)
+                out.append((title, truth, classified["building_type"]))
     if which in ("all", "osm"):
         frame, truth = osm_labelled_set(buildings, rules)
         if len(frame):
-            title = "OSM buildings, explicit use tags hidden"
-            results.append(measure(frame, truth, areas, pois, rules, title)[0])
-    return results
+            classified = classify_buildings(frame, areas, pois, rules)
+            out.append(("OSM buildings, explicit use tags hidden", truth,
+                        classified["building_type"]))
+    return out
+
+
+def _partition_predictions(path: str, row_groups: list[int], areas: gpd.GeoDataFrame,
+                           pois: gpd.GeoDataFrame, rules: ClassificationRules,
+                           cbdc_labels: pd.DataFrame) -> list[tuple[str, pd.Series, pd.Series]]:
+    from pipeline.stream import read_partition
+
+    part = read_partition(Path(path), row_groups)
+    pairs = labelled_predictions(part, areas, pois, rules, cbdc_labels)
+    # plain object series: small to send back, and equal whatever the partition
+    return [(t, y.astype(object).reset_index(drop=True),
+             p.reindex(y.index).astype(object).reset_index(drop=True))
+            for t, y, p in pairs]
 
 
 def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_file: Path,
                      out: Path) -> list[EvalResult]:
     """Evaluate on the ingest outputs and write the tables as Markdown.
+
+    The buildings are streamed partition by partition (each classified by a
+    worker); only the true and predicted types are gathered.
 
     Parameters
     ----------
@@ -424,11 +474,27 @@ def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_fi
         The evaluations written.
     """
     from pipeline.io import atomic_path
+    from pipeline.parallel import map_tasks
+    from pipeline.stream import partitions, read_partition
 
-    buildings = gpd.read_parquet(buildings_in)
-    areas = _read_optional(str(areas_in), buildings.crs)
-    pois = _read_optional(str(pois_in), buildings.crs)
-    results = evaluate_sets(buildings, areas, pois, load_rules(rules_file))
+    crs = read_partition(Path(buildings_in), []).crs
+    areas = _read_optional(str(areas_in), crs)
+    pois = _read_optional(str(pois_in), crs)
+    rules, labels = load_rules(rules_file), read_cbdc_labels(DEFAULT_CBDC_LABELS)
+    parts = partitions(Path(buildings_in))
+    tasks = [(str(buildings_in), p, areas, pois, rules, labels) for p in parts]
+    sets: dict[str, tuple[list, list]] = {}
+    for pairs in map_tasks(_partition_predictions, tasks, label="classify evaluation"):
+        for title, truth, predicted in pairs:
+            sets.setdefault(title, ([], []))
+            sets[title][0].append(truth)
+            sets[title][1].append(predicted)
+    order = ["CBDC prototypes, survey codes visible",
+             "CBDC prototypes, survey codes hidden (names only)",
+             "OSM buildings, explicit use tags hidden"]
+    results = [evaluate(pd.concat(sets[t][0], ignore_index=True),
+                        pd.concat(sets[t][1], ignore_index=True), title=t)
+               for t in sorted(sets, key=lambda t: order.index(t) if t in order else 99)]
     text = "\n\n".join(to_markdown(r) for r in results) or "No labelled buildings in the input."
     with atomic_path(out) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
