@@ -256,6 +256,8 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = "{:,.1f}") -> str:
         if isinstance(v, float | np.floating):
             if np.isinf(v):
                 return "∞"
+            if np.isnan(v):
+                return "–"
             return floatfmt.format(v)
         return str(v).replace("|", "\\|")
 
