@@ -57,6 +57,8 @@ GLOSSARY: dict[str, str] = {
     "addr_street": "street of the address",
     "height_attr_m": "height from the source attributes [m]",
     "levels_attr": "number of storeys from the source attributes [-]",
+    "attribute_issues": "how doubtful source attributes were read ('5;6' -> 6) or why they "
+    "were set to null (unparseable, out of range, undecodable text)",
     # geometry measures
     "footprint_area_m2": "footprint area in the metric working CRS [m2]",
     "height_m": "building height used by the roof stage [m]",
