@@ -143,6 +143,8 @@ def parse_number(value: object, kind: str) -> tuple[float, str | None]:
     if not text:
         return np.nan, None
     number, how = _parse_one(text, kind)
+    if how is None and text != raw.strip():
+        how = "full-width characters read as ASCII"
     if number is not None:
         return number, (None if how is None else f"{raw!r} read as {number:g} ({how})")
     pieces = [p for p in re.split(r"\s*[;,/]\s*", text) if p]

@@ -26,7 +26,8 @@ name ... levels_attr       -        canonical attributes (see ``glossary``)
 attribute_issues           -        how doubtful attribute values were read or
                                     why they were set to null (``attributes``)
 footprint_area_m2          m2       area in the working CRS
-geometry_repaired          -        True where ``make_valid`` repaired it
+geometry_repaired          -        True where ``make_valid`` repaired it or Z
+                                    coordinates were dropped
 geometry                   m        (Multi)Polygon in ``working_crs``
 =========================  =======  ==============================================
 
@@ -115,8 +116,13 @@ def read_source(src: SourceConfig, base_dir: Path) -> gpd.GeoDataFrame:
 
 def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoDataFrame:
     """Map a source's fields to the canonical attribute columns."""
-    missing = sorted(v for v in src.columns.values() if v not in raw.columns)
-    if missing:
+    missing = sorted({*src.columns.values(), *([src.id_field] if src.id_field else [])}
+                     - set(raw.columns)) if len(raw) == 0 else sorted(
+        v for v in src.columns.values() if v not in raw.columns)
+    if missing and len(raw) == 0:
+        log.warning("ingest: source %s (%s) has no features", src.name, path)
+        raw = raw.assign(**{m: pd.Series(dtype=object) for m in missing})
+    elif missing:
         raise InputError(
             path, f"mapped field(s) {missing} not in the file (it has: "
             f"{sorted(c for c in raw.columns if c != 'geometry')[:40]})",
@@ -319,7 +325,8 @@ def normalise_footprints(
     -------
     GeoDataFrame
         ``part`` in ``working_crs`` with ``footprint_area_m2`` [m2],
-        ``geometry_repaired``, ``role`` (building, area, poi or rejected) and
+        ``geometry_repaired`` (``make_valid`` repaired it or Z was dropped),
+        ``role`` (building, area, poi or rejected) and
         ``reason`` (null for kept buildings).
     """
     out = part.copy()
@@ -329,6 +336,7 @@ def normalise_footprints(
     missing = shapely.is_missing(geom) | shapely.is_empty(geom)
     reason[missing] = "null or empty geometry"
     geom = np.where(missing, None, geom)
+    had_z = ~missing & shapely.has_z(geom)
     geom = shapely.force_2d(geom)
     gtype = np.array([g.geom_type if g is not None else "" for g in geom], dtype=object)
     is_point = np.isin(gtype, ("Point", "MultiPoint"))
@@ -338,7 +346,7 @@ def normalise_footprints(
     role[is_point] = "poi"
     polygonal = ~missing & np.isin(gtype, POLYGONAL)
     invalid = polygonal & ~shapely.is_valid(geom)
-    repaired = np.zeros(len(out), dtype=bool)
+    repaired = had_z.copy()  # 3D coordinates: Z dropped
     for i in np.flatnonzero(invalid):
         fixed = _polygonal_part(shapely.make_valid(geom[i]))
         if fixed is None:
@@ -362,7 +370,8 @@ def normalise_footprints(
                              "(cannot be projected to the working CRS)")
     role[unprojectable] = "rejected"
     polygonal = polygonal & ~unprojectable
-    area = np.where(polygonal, shapely.area(series.array), np.nan)
+    area = np.full(len(out), np.nan)
+    area[polygonal] = shapely.area(series.array[polygonal])
     out["footprint_area_m2"] = area
     is_bldg = (role == "building") & polygonal
     small = is_bldg & (area < min_area_m2)
