@@ -27,7 +27,7 @@ from pipeline.ingest import assign_districts, normalise_footprints
 from pipeline.pvyield import join_yield
 from pipeline.roof import roof_potential
 
-FAST = settings(max_examples=25, deadline=None,
+FAST = settings(max_examples=15, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
