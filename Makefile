@@ -44,7 +44,8 @@ $(EPW): | $(VENV)/.installed
 ingest: $(PROC)/ingest_buildings.parquet
 $(PROC)/ingest_buildings.parquet $(PROC)/ingest_areas.parquet $(PROC)/ingest_pois.parquet \
 $(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
-		$(SAMPLE_STAMP) pipeline/ingest.py $(COMMON)
+		$(SAMPLE_STAMP) pipeline/ingest.py pipeline/attributes.py pipeline/coords.py \
+		pipeline/dedup.py $(COMMON)
 	$(RUN) --stage ingest
 
 classify: $(PROC)/classify_buildings.parquet

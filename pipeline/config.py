@@ -80,8 +80,9 @@ class SourceConfig(_Model):
     path: Path
     layer: str | None = None
     encoding: str | None = None
-    text_repair: Literal["none", "gbk_read_as_latin1"] = "none"
+    text_repair: Literal["none", "gbk_read_as_latin1", "utf8_or_gbk_read_as_latin1"] = "none"
     crs_if_missing: str | None = None
+    gcj02_to_wgs84: bool = False
     id_field: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
     building_filter: Literal["all", "tag_building_not_null"] = "all"
@@ -106,6 +107,13 @@ class IngestConfig(_Model):
 
     min_footprint_area_m2: float = Field(ge=0)
     max_footprint_area_m2: float = Field(gt=0)
+    max_height_attr_m: float = Field(gt=0)
+    max_levels_attr: float = Field(gt=0)
+    dedup_min_overlap_share: float = Field(gt=0, le=1)
+    dedup_min_area_ratio: float = Field(ge=0, le=1)
+    crs_check_margin_m: float = Field(ge=0)
+    gcj02_detect_min_matches: int = Field(ge=1)
+    gcj02_detect_gain: float = Field(gt=1)
 
 
 class RoofConfig(_Model):

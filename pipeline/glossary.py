@@ -57,6 +57,10 @@ GLOSSARY: dict[str, str] = {
     "addr_street": "street of the address",
     "height_attr_m": "height from the source attributes [m]",
     "levels_attr": "number of storeys from the source attributes [-]",
+    "attribute_issues": "how doubtful source attributes were read ('5;6' -> 6) or why they "
+    "were set to null (unparseable, out of range, undecodable text)",
+    "geometry_repaired": "True where the footprint was repaired (make_valid, or Z "
+    "coordinates dropped)",
     # geometry measures
     "footprint_area_m2": "footprint area in the metric working CRS [m2]",
     "height_m": "building height used by the roof stage [m]",

@@ -332,7 +332,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     if kept != len(buildings):
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
-    districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     targets = target_table(buildings, cfg.targets)
     dlayer = district_layer(districts, buildings, cfg.policy, targets)
     by_type = summarise(buildings, ["district_name", "building_type"])
