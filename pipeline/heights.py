@@ -193,6 +193,14 @@ def _group_median(labels: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _window_transform(t, win):  # noqa: ANN001, ANN202
+    """Affine transform of a window (rasterio's uses the deprecated ``Affine *``)."""
+    from affine import Affine
+
+    c0, r0 = float(win.col_off), float(win.row_off)
+    return Affine(t.a, t.b, t.c + t.a * c0 + t.b * r0, t.d, t.e, t.f + t.d * c0 + t.e * r0)
+
+
 def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int = 2048
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Median raster height within each footprint, with windowed reads.
@@ -237,7 +245,9 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
             with rasterio.open(f.path) as ds:
                 px_area = abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
                 inv = ~ds.transform
-                col, row = inv * (bounds[pos, 0], bounds[pos, 3])
+                x0, y0 = bounds[pos, 0], bounds[pos, 3]
+                col = inv.a * x0 + inv.b * y0 + inv.c
+                row = inv.d * x0 + inv.e * y0 + inv.f
                 block = (np.floor(np.asarray(row) / block_px).astype(np.int64) * 1_000_003
                          + np.floor(np.asarray(col) / block_px).astype(np.int64))
                 full = rasterio.windows.Window(0, 0, ds.width, ds.height)
@@ -258,7 +268,7 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
                     data = ds.read(1, window=win)
                     burnt = rasterio.features.rasterize(
                         zip(geoms.array[sel], range(1, len(sel) + 1), strict=True),
-                        out_shape=(h, w), transform=ds.window_transform(win), fill=0,
+                        out_shape=(h, w), transform=_window_transform(ds.transform, win), fill=0,
                         dtype="int32")
                     heights = data.astype("float64") * f.height_scale_m_per_unit
                     ok = (burnt > 0) & (heights >= f.min_height_m)
