@@ -267,6 +267,34 @@ def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
     return out
 
 
+def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
+                             ) -> np.ndarray:
+    """Distance from points to convex quadrilaterals (0 inside).
+
+    Parameters
+    ----------
+    px, py : ndarray
+        Points [m], shape (m,).
+    corners : ndarray
+        Corners in ring order [m], shape (m, 4, 2).
+
+    Returns
+    -------
+    ndarray
+        Distance [m].
+    """
+    a = corners
+    ab = np.roll(corners, -1, axis=1) - a
+    ap = np.stack([px, py], axis=-1)[:, None, :] - a
+    len2 = (ab ** 2).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
+    dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
+    cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
+    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+    return np.where(inside, 0.0, dist)
+
+
 def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.ndarray,
                     neighbours: pd.DataFrame, cfg: ShadingConfig) -> np.ndarray:
     """Horizon elevation per azimuth sector seen from each roof.
@@ -304,19 +332,20 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
         return horizon
     c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
     rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
-    points = shapely.points(x, y)
-    i, j = shapely.STRtree(rects).query(points, predicate="dwithin", distance=r)
+    # envelope query (cheap), the exact distance filter follows on the taller pairs only
+    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
     nb_h = nb["height_m"].to_numpy(dtype=float)
     dh = nb_h[j] - height_m[i]
     keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
     i, j, dh = i[keep], j[keep], dh[keep]
     if len(i) == 0:
         return horizon
-    d = shapely.distance(points[i], rects[j])
+    d = point_rectangle_distance(x[i], y[i], c[j])
     nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
     inside = d <= 1e-9
+    within = d <= r
     d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
-    ok = d > 1e-9
+    ok = within & (d > 1e-9)
     i, j, dh, d, c_ij, inside = i[ok], j[ok], dh[ok], d[ok], c[j[ok]], inside[ok]
     nx, ny = nx[ok], ny[ok]
     elev = np.degrees(np.arctan2(dh, d))
