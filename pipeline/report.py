@@ -48,6 +48,7 @@ import pandas as pd
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
+from pipeline.roof_report import roof_sections
 
 log = logging.getLogger(__name__)
 
@@ -429,9 +430,10 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
                for k, v in accounting.items() for r, n in v["rejected_by_reason"].items()]
     if reasons:
         lines += ["Rejections by reason:", "", _md_table(pd.DataFrame(reasons)), ""]
+    lines += roof_sections(buildings, _md_table, cfg.shading.min_unshaded_share)
     lines += ["## Assumptions", "",
               "Each value is a key of the config; its source is the comment beside it.", "",
-              _md_table(assumptions(config_path, ("ingest", "roof", "policy", "weather",
-                                                  "yield"))),
+              _md_table(assumptions(config_path, ("ingest", "heights", "roof", "shading",
+                                                  "policy", "weather", "yield"))),
               ""]
     return "\n".join(lines)
