@@ -22,6 +22,7 @@ from pipeline.classify import BUILDING_TYPES, ClassifyConfig
 from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.pvyield import YieldConfig
+from pipeline.targets import PlanConfig
 from pipeline.weather import WeatherConfig
 
 BuildingType = Literal[
@@ -175,9 +176,10 @@ class TargetConfig(_Model):
 
 
 class ReportConfig(_Model):
-    """What the report says about the input's coverage."""
+    """What the report says about the input's coverage, and its CJK font."""
 
     coverage_caveat: str
+    cjk_font_files: list[Path] = Field(min_length=1)
 
 
 class PipelineConfig(_Model):
@@ -196,6 +198,7 @@ class PipelineConfig(_Model):
     yield_: YieldConfig = Field(alias="yield")
     policy: PolicyConfig
     targets: list[TargetConfig]
+    plan: PlanConfig
     report: ReportConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
