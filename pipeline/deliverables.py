@@ -124,13 +124,15 @@ def _no_systems() -> pd.DataFrame:
                          "pv_capacity_kwp": pd.Series(dtype=float)})
 
 
-def geopackage_layers(layers: dict[str, pd.DataFrame]) -> tuple[dict, dict]:
+def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int) -> tuple[dict, dict]:
     """Add the ``layer_styles`` table and the layer descriptions.
 
     Parameters
     ----------
     layers : dict
         Layer name to (Geo)DataFrame, as written.
+    label_top_n : int
+        Ranked roofs labelled with their rank in QGIS.
 
     Returns
     -------
@@ -141,7 +143,7 @@ def geopackage_layers(layers: dict[str, pd.DataFrame]) -> tuple[dict, dict]:
                c, float(np.nanpercentile(f["capacity_kwp"], 95)) if len(f) else 1.0),
            "districts": lambda c, f: styles.districts_qml(c),
            "rejected": lambda c, f: styles.rejected_qml(c),
-           "target_plan": lambda c, f: styles.target_plan_qml(c),
+           "target_plan": lambda c, f: styles.target_plan_qml(c, label_top_n),
            "towns": lambda c, f: styles.towns_qml(c),
            "existing_pv": lambda c, f: styles.existing_pv_qml(c)}
     entries = {}

@@ -290,8 +290,11 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame],
             kwargs: dict = {"layer": name, "driver": "GPKG"}
             if name in layer_options:
                 kwargs["layer_options"] = layer_options[name]
-            if i == 0 and dataset_metadata:
-                kwargs["dataset_metadata"] = dataset_metadata
+            if i == 0:
+                # GeoPackage 1.2: read without warnings by older GDAL/QGIS (Debian 12: 3.6/3.22)
+                kwargs["dataset_options"] = {"VERSION": "1.2"}
+                if dataset_metadata:
+                    kwargs["dataset_metadata"] = dataset_metadata
             if isinstance(frame, gpd.GeoDataFrame):
                 types = set(frame.geometry.dropna().geom_type)
                 if not types <= {"Polygon", "MultiPolygon"}:
@@ -375,7 +378,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         layers["town_targets"] = plan.split
     if plan.systems is not None:
         layers["existing_pv"] = plan.systems
-    layers, options = dv.geopackage_layers(layers)
+    layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n)
     write_geopackage(outdir / "rooftop_pv.gpkg", layers, options, metadata_items(prov))
     monthly = monthly_profile(buildings, classes, by="district_name",
                               step_deg=cfg.yield_.orientation_step_deg)

@@ -46,11 +46,11 @@ TYPE_STYLE: dict[str, tuple[tuple[int, int, int], str]] = {
 #: Colour (r, g, b, a) and legend label of each district verdict.
 NO_TARGET = "no target"
 VERDICT_STYLE: dict[str, tuple[tuple[int, int, int, int], str]] = {
-    "reachable": ((26, 152, 80, 150), "target reachable 目标可达成"),
+    "reachable": ((26, 152, 80, 90), "target reachable 目标可达成"),
     "not reachable from the buildings in the input": (
-        (215, 48, 39, 150), "target not reachable from the input 输入建筑不足以达成"),
+        (215, 48, 39, 90), "target not reachable from the input 输入建筑不足以达成"),
     "no eligible buildings in the input": (
-        (253, 174, 97, 150), "no eligible buildings in the input 输入中无符合条件的建筑"),
+        (253, 174, 97, 90), "no eligible buildings in the input 输入中无符合条件的建筑"),
     NO_TARGET: ((240, 240, 240, 90), "no target configured 未设目标"),
 }
 
@@ -191,7 +191,7 @@ def buildings_qml(columns: list[str], capacity_high_kwp: float) -> str:
     for value, (rgb, label) in TYPE_STYLE.items():
         r, g, b = rgb
         dd = {"fillColor": (f"color_rgba({r},{g},{b},scale_linear(coalesce(\"capacity_kwp\",0),"
-                            f"0,{hi:.1f},50,255))")}
+                            f"0,{hi:.1f},90,255))")}
         cats.append((value, label, {"kind": "fill", "fill": _rgba(rgb), "outline":
                                     _rgba(tuple(int(c * 0.6) for c in rgb)), "width_mm": 0.15,
                                     "dd": dd}))
@@ -274,13 +274,15 @@ def _by_geometry(columns: list[str], fill: str, outline: str, label: str) -> str
     return _to_text(root)
 
 
-def target_plan_qml(columns: list[str]) -> str:
+def target_plan_qml(columns: list[str], label_top_n: int) -> str:
     """Ranked roofs: those that reach the target outlined in orange, with their rank.
 
     Parameters
     ----------
     columns : list of str
         The layer's fields.
+    label_top_n : int
+        Ranks up to this are labelled (``plan.report_top_n``).
 
     Returns
     -------
@@ -289,14 +291,14 @@ def target_plan_qml(columns: list[str]) -> str:
     """
     root = _root()
     cats = [("in list", "roofs that reach the target 达成目标的屋顶",
-             {"kind": "fill", "fill": "255,127,0,170", "outline": "178,24,43,255",
-              "width_mm": 0.5}),
+             {"kind": "fill", "fill": "255,127,0,0", "outline": "178,24,43,255",
+              "width_mm": 0.6}),
             ("later", "further ranked roofs 其余屋顶",
              {"kind": "fill", "fill": "255,255,255,0", "outline": "120,120,120,255",
               "width_mm": 0.2})]
     _categorized(root, "if(\"in_target_list\", 'in list', 'later')", cats)
-    _labeling(root, "if(\"in_target_list\", to_string(\"priority_rank\"), '')", size_pt=8,
-              placement="1")
+    _labeling(root, f"if(\"priority_rank\" <= {int(label_top_n)}, "
+              "to_string(\"priority_rank\"), '')", size_pt=8, placement="1")
     _aliases(root, columns)
     return _to_text(root)
 
