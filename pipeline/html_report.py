@@ -128,9 +128,38 @@ def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, fam
     return _png(fig)
 
 
+def busiest_window(buildings: gpd.GeoDataFrame, window_m: float):
+    """Centre of the grid window with the most building types, then the most buildings.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        ``building_type`` and footprints (metric CRS).
+    window_m : float
+        Window side [m].
+
+    Returns
+    -------
+    shapely.Point
+        The window's centre.
+    """
+    from shapely import Point
+
+    cent = buildings.geometry.centroid
+    frame = pd.DataFrame({"i": np.floor(cent.x / window_m).astype("int64"),
+                          "j": np.floor(cent.y / window_m).astype("int64"),
+                          "t": buildings["building_type"].astype(object).to_numpy()})
+    g = frame.groupby(["i", "j"])["t"].agg(["nunique", "size"]).reset_index()
+    best = g.sort_values(["nunique", "size", "i", "j"], ascending=False).iloc[0]
+    return Point((best["i"] + 0.5) * window_m, (best["j"] + 0.5) * window_m)
+
+
 def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id: str,
                       family: str, window_m: float = 1500.0) -> bytes:
-    """Map of the footprints around the first roofs of a target, by type.
+    """Map of footprints by type, with the roofs that reach a target outlined.
+
+    The window is the one holding the most building types among the
+    target's ranked roofs.
 
     Parameters
     ----------
@@ -139,7 +168,7 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     plan : DataFrame
         Output of ``targets.target_plan``.
     target_id : str
-        The target whose top-ranked roofs centre the map.
+        The target whose ranked roofs the map shows.
     family : str
         CJK font family.
     window_m : float
@@ -156,37 +185,39 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     ax = fig.add_subplot()
     ranked = plan[plan["target_id"] == target_id].sort_values("priority_rank")
     geoms = buildings.set_index("building_id").geometry
-    if len(ranked):
-        c = geoms.loc[ranked["building_id"].iloc[0]].centroid
-    else:
-        c = buildings.geometry.union_all().centroid
+    pool = buildings[buildings["building_id"].isin(ranked["building_id"])]
+    c = busiest_window(pool if len(pool) else buildings, window_m)
     half = window_m / 2
     view = buildings.cx[c.x - half:c.x + half, c.y - half:c.y + half]
     for t, (rgb, _) in TYPE_STYLE.items():
         sel = view[view["building_type"].astype(object) == t]
         if len(sel):
             sel.plot(ax=ax, color=_hex(rgb), edgecolor="#333333", linewidth=0.3)
-    top = ranked[ranked["in_target_list"]].head(30)
-    top_geoms = geoms.reindex(top["building_id"])
-    gpd.GeoSeries(top_geoms.to_numpy(), crs=buildings.crs).plot(
-        ax=ax, facecolor="none", edgecolor="#b2182b", linewidth=1.4)
-    for bid, rank in zip(top["building_id"], top["priority_rank"], strict=True):
-        p = geoms.loc[bid].representative_point()
-        if abs(p.x - c.x) < half and abs(p.y - c.y) < half:
-            ax.annotate(str(rank), (p.x, p.y), fontsize=7, ha="center", color="#67001f")
+    top = ranked[ranked["in_target_list"]]
+    top_geoms = gpd.GeoSeries(geoms.reindex(top["building_id"]).to_numpy(), crs=buildings.crs)
+    pt = top_geoms.representative_point()
+    inside = ((pt.x - c.x).abs() < half) & ((pt.y - c.y).abs() < half)
+    top_geoms[inside.to_numpy()].plot(ax=ax, facecolor="none", edgecolor="#b2182b",
+                                      linewidth=1.4)
+    # label the 40 best-ranked roofs in view
+    for k in np.flatnonzero(inside.to_numpy())[:40]:
+        ax.annotate(str(top["priority_rank"].iloc[k]), (pt.x.iloc[k], pt.y.iloc[k]),
+                    fontsize=7, ha="center", color="#67001f")
     ax.set_xlim(c.x - half, c.x + half)
     ax.set_ylim(c.y - half, c.y + half)
     ax.set_aspect("equal")
     types = set(view["building_type"].astype(object))
     handles = [Patch(facecolor=_hex(rgb), edgecolor="#333333", label=label)
                for t, (rgb, label) in TYPE_STYLE.items() if t in types]
-    handles.append(Patch(facecolor="none", edgecolor="#b2182b", label="first roofs to build "
-                         "优先建设屋顶 (rank 排序)"))
+    handles.append(Patch(facecolor="none", edgecolor="#b2182b", label="roofs that reach the "
+                         "target 达成目标的屋顶 (rank 排序)"))
     ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
-    ax.set_title(f"建筑与优先屋顶 Buildings and first roofs: {target_id} "
+    ax.set_title(f"建筑与优先屋顶 Buildings and ranked roofs: {target_id} "
                  f"({window_m / 1000:.1f} km window)")
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel("")
+    ax.set_ylabel("")
     return _png(fig)
 
 
@@ -225,7 +256,7 @@ def targets_chart_png(targets: pd.DataFrame, family: str) -> bytes:
     ax.invert_yaxis()
     ax.set_xlim(0, max(float(req.max()), float((have + ach).max())) * 1.3)
     ax.set_xlabel("MW")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside lower center", ncols=3)
     ax.set_title("目标与可达装机 Achievable versus target capacity")
     return _png(fig)
 
