@@ -34,7 +34,8 @@ ATTRIBUTE_COLUMNS: tuple[str, ...] = (
 GLOSSARY: dict[str, str] = {
     # identity and place
     "building_id": "stable id of the building in this pipeline: '<source>:<source_id>'",
-    "source": "name of the input source the feature came from (config sources[].name)",
+    "source": "name of the input source the feature came from (config sources[].name); "
+    "in the targets table, the document the target comes from",
     "source_id": "id of the feature in its source (OSM 'way/123', CBDC BuildingID, tile patch)",
     "district_name": "district the footprint centroid lies in (Chinese name)",
     "district_adcode": "administrative code of that district",
@@ -109,7 +110,6 @@ GLOSSARY: dict[str, str] = {
     "target_id": "id of the MW target (config targets[].id)",
     "period": "years of the target",
     "eligible_types": "building types whose roofs count toward the target",
-    "source": "name of the input source, or the document a target comes from",
     "target_required_mw": "the target: new PV capacity asked for [MW]",
     "n_eligible_buildings": "eligible buildings with capacity [-]",
     "target_achievable_mw": "capacity on the eligible roofs of the input [MW]",

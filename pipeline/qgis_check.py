@@ -3,7 +3,7 @@
 Run with the system Python that Debian's ``python3-qgis`` installs into, not
 the project's virtualenv (which cannot import ``qgis``)::
 
-    QT_QPA_PLATFORM=offscreen /usr/bin/python3 -m pipeline.qgis_check \\
+    QT_QPA_PLATFORM=offscreen /usr/bin/python3 -m pipeline.qgis_check
         outputs/rooftop_pv.gpkg --png outputs/qgis_check.png
 
 It loads every layer the way QGIS does when a user adds it (the default
@@ -214,6 +214,9 @@ def check(path: Path, png: Path | None, size_px: int = 1100, window_m: float = 1
                       + (f" and the {window_m / 1000:g} km window with most building types"
                          if zoom is not None else ""))
     finally:
+        # drop the Python-owned layers before QGIS exits (else they are freed after it)
+        layer = None
+        loaded.clear()
         QgsProject.instance().clear()
         app.exitQgis()
     return failures
@@ -248,4 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: Qt objects destroyed after QgsApplication.exitQgis() may crash
+    os._exit(code)

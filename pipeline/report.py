@@ -339,12 +339,11 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         The targets table as records.
     """
     from pipeline import deliverables as dv
+    from pipeline.html_report import register_cjk_font
     from pipeline.provenance import metadata_items, provenance
     from pipeline.pvyield import monthly_profile
     from pipeline.targets import district_extras
     from pipeline.workbook import write_workbook
-
-    from pipeline.html_report import register_cjk_font
 
     t0 = time.perf_counter()
     font = register_cjk_font(cfg.report.cjk_font_files)  # fail before writing anything

@@ -325,7 +325,7 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
                                / 1000.0, 0.0)
     newly_full = (usable_before > 0) & (usable == 0)
     out["suitable"] = usable > 0
-    reason = out["unsuitable_reason"].astype(object).to_numpy()
+    reason = out["unsuitable_reason"].astype(object).to_numpy(copy=True)
     reason[newly_full] = "the free roof left beside existing or planned PV is below " \
         f"roof.min_array_area_m2 = {min_array_area_m2:g} m2"
     out["unsuitable_reason"] = pd.Series(reason, index=out.index, dtype="object")
