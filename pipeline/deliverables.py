@@ -173,8 +173,8 @@ def _target_lines(t: pd.Series) -> str:
     elif t["target_remaining_mw"] > 0:
         txt += (f" All {t['n_roofs_to_target']:,} ranked roofs together fall short by "
                 f"{-t['target_margin_mw']:,.2f} MW.")
-    txt += (f" The priority types alone reach {t['target_share_priority_types']:.1%} of what is "
-            f"still to build.")
+    txt += (f" The priority types ({t['priority_types'] or 'none'}) alone reach "
+            f"{t['target_share_priority_types']:.1%} of what is still to build.")
     return txt
 
 
@@ -214,8 +214,8 @@ def plan_markdown(cfg: object, p: Plan, monthly: pd.DataFrame, prov: dict) -> st
         lines += [f"### {t['target_id']}", "", _target_lines(t), ""]
         ranked = p.plan[p.plan["target_id"] == t["target_id"]].head(pc.report_top_n)
         if len(ranked):
-            lines += [_md_table(pd.DataFrame(ranked[PLAN_TABLE_COLUMNS]), floatfmt="{:,.2f}"),
-                      ""]
+            view = pd.DataFrame(ranked[PLAN_TABLE_COLUMNS]).fillna({"name": ""})
+            lines += [_md_table(view, floatfmt="{:,.2f}"), ""]
     if p.split is not None:
         lines += ["## Targets split across towns", "",
                   "Each district target is split across its towns in proportion to the capacity "

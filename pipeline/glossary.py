@@ -120,6 +120,8 @@ GLOSSARY: dict[str, str] = {
     "target_margin_mw": "existing + achievable - required [MW]",
     "target_share_needed": "remaining / achievable: share of the eligible roofs needed [-]",
     "target_share_reachable": "(existing + achievable) / required, at most 1 [-]",
+    "priority_types": "building types ranked first (the public-institution head of "
+    "plan.type_priority)",
     "target_share_priority_types": "priority types' capacity / remaining, at most 1 [-]",
     "target_energy_gwh_per_year": "annual AC energy of the achievable capacity [GWh/yr]",
     "target_co2_avoided_kt_per_year": "CO2 avoided a year by that energy [kt/yr]",

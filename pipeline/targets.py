@@ -568,8 +568,8 @@ def plan_targets(targets: pd.DataFrame, existing: pd.DataFrame, plan: pd.DataFra
         ``targets`` with ``target_existing_mw``, ``target_remaining_mw``,
         ``n_roofs_to_target``, ``mw_roofs_to_target``,
         ``target_share_reachable`` (existing + achievable over required,
-        at most 1), ``target_share_priority_types`` (the priority types'
-        capacity over the remaining MW, at most 1),
+        at most 1), ``priority_types`` and ``target_share_priority_types``
+        (the priority types' capacity over the remaining MW, at most 1),
         ``target_co2_avoided_kt_per_year`` [kt/yr]; margin, share needed and
         verdict count the existing PV.
     """
@@ -595,8 +595,12 @@ def plan_targets(targets: pd.DataFrame, existing: pd.DataFrame, plan: pd.DataFra
         types = [x for x in priority_types if x in t.eligible_types]
         sel = buildings[(buildings["district_name"] == t.district_name)
                         & buildings["building_type"].isin(types)]
-        prio.append({"target_id": t.id, "priority_mw": float(sel["capacity_kwp"].sum()) / 1000})
-    prio_df = pd.DataFrame(prio, columns=["target_id", "priority_mw"]).set_index("target_id")
+        prio.append({"target_id": t.id, "priority_mw": float(sel["capacity_kwp"].sum()) / 1000,
+                     "priority_types": ",".join(types)})
+    prio_df = pd.DataFrame(prio, columns=["target_id", "priority_mw", "priority_types"]) \
+        .set_index("target_id")
+    out["priority_types"] = prio_df["priority_types"].reindex(out["target_id"]).fillna("") \
+        .to_numpy()
     pmw = prio_df["priority_mw"].reindex(out["target_id"]).fillna(0.0).to_numpy()
     out["target_share_priority_types"] = np.where(
         remaining > 0, np.minimum(pmw / np.where(remaining > 0, remaining, 1), 1.0), 1.0)
