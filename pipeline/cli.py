@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STAGES = ("ingest", "classify", "roof", "yield", "report")
+STAGES = ("ingest", "classify", "roof", "shading", "yield", "report")
 log = logging.getLogger("pipeline")
 
 
@@ -40,7 +40,7 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
     dict
         Each stage's returned statistics.
     """
-    from pipeline import classify, classify_eval, ingest, pvyield, report, roof
+    from pipeline import classify, classify_eval, ingest, pvyield, report, roof, shading
     from pipeline.config import load_config
     from pipeline.parallel import scheduler_context
 
@@ -69,9 +69,11 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
                     proc / "classify_evaluation.md")
             elif stage == "roof":
                 results[stage] = roof.run(cfg, base_dir)
+            elif stage == "shading":
+                results[stage] = shading.run(cfg, base_dir)
             elif stage == "yield":
                 results[stage] = pvyield.run(
-                    cfg.weather, cfg.yield_, proc / "roof_buildings.parquet",
+                    cfg.weather, cfg.yield_, proc / "shading_buildings.parquet",
                     proc / "yield_buildings.parquet", proc / "yield_classes.csv", base_dir)
             elif stage == "report":
                 results[stage] = report.run(cfg, base_dir, config_path)

@@ -34,7 +34,8 @@ ATTRIBUTE_COLUMNS: tuple[str, ...] = (
 GLOSSARY: dict[str, str] = {
     # identity and place
     "building_id": "stable id of the building in this pipeline: '<source>:<source_id>'",
-    "source": "name of the input source the feature came from (config sources[].name)",
+    "source": "name of the input source the feature came from (config sources[].name); "
+    "in the targets table, the document the target comes from",
     "source_id": "id of the feature in its source (OSM 'way/123', CBDC BuildingID, tile patch)",
     "district_name": "district the footprint centroid lies in (Chinese name)",
     "district_adcode": "administrative code of that district",
@@ -57,10 +58,15 @@ GLOSSARY: dict[str, str] = {
     "addr_street": "street of the address",
     "height_attr_m": "height from the source attributes [m]",
     "levels_attr": "number of storeys from the source attributes [-]",
+    "attribute_issues": "how doubtful source attributes were read ('5;6' -> 6) or why they "
+    "were set to null (unparseable, out of range, undecodable text)",
+    "geometry_repaired": "True where the footprint was repaired (make_valid, or Z "
+    "coordinates dropped)",
     # geometry measures
     "footprint_area_m2": "footprint area in the metric working CRS [m2]",
     "height_m": "building height used by the roof stage [m]",
-    "height_source": "where height_m came from (attribute, levels, raster, default)",
+    "height_source": "where height_m came from (raster, attribute, levels, default)",
+    "raster_height_m": "median of the height rasters within the footprint (NaN: none) [m]",
     # classification
     "building_type": "government, school, factory, hospital, other_public, commercial, "
     "residential, other or unknown",
@@ -69,13 +75,22 @@ GLOSSARY: dict[str, str] = {
     "type_confidence": "high, medium or low",
     # roof
     "roof_kind": "flat or pitched",
-    "roof_kind_source": "where roof_kind came from (tag, rule)",
+    "roof_kind_source": "where roof_kind came from (tag_roof_shape, tag_building, "
+    "rule:<name>, default)",
+    "setback_m": "edge setback applied, by roof kind and height band [m]",
+    "utilisation_factor": "share of the set-back roof free of obstructions [-]",
     "setback_area_m2": "roof area left after the edge setback [m2]",
-    "usable_area_m2": "roof area that can carry PV arrays (after setback, utilisation "
-    "and minimum array area) [m2]",
-    "tilt_deg": "module tilt from horizontal [deg]",
-    "azimuth_deg": "module azimuth, clockwise from north (180 = south) [deg]",
-    "gcr": "ground coverage ratio: module area / usable roof area [-]",
+    "usable_area_m2": "roof area that can carry PV arrays (after setback, minimum width, "
+    "utilisation and minimum array area; pitched roofs: on the slope, both planes) [m2]",
+    "tilt_deg": "module tilt from horizontal (plane 1; plane 2 has the same) [deg]",
+    "azimuth_deg": "module azimuth of plane 1, clockwise from north (180 = south) [deg]",
+    "gcr": "ground coverage ratio: module area / usable roof area (flat: GB 50797 solstice "
+    "rule; pitched: packing factor) [-]",
+    "azimuth_2_deg": "azimuth of the second pitched plane (NaN: none) [deg]",
+    "usable_area_2_m2": "usable area of plane 2 (included in usable_area_m2) [m2]",
+    "capacity_2_kwp": "capacity on plane 2 (included in capacity_kwp) [kWp]",
+    "capacity_policy_2_kwp": "policy capacity on plane 2 (included in "
+    "capacity_policy_kwp) [kWp]",
     "module_area_m2": "module area on the roof = usable_area_m2 * gcr [m2]",
     "capacity_kwp": "installable DC capacity on the whole usable area [kWp]",
     "coverage_share": "policy share of roof area to carry PV for this building type [-]",
@@ -84,13 +99,75 @@ GLOSSARY: dict[str, str] = {
     "capacity_policy_kwp": "capacity at the policy coverage share [kWp]",
     "suitable": "whether the roof can carry PV at all",
     "unsuitable_reason": "why not, when suitable is false",
+    # shading
+    "horizon_max_deg": "highest horizon elevation of taller neighbours seen from the roof "
+    "[deg]",
+    "beam_loss_share": "share of plane 1's annual beam irradiation blocked by neighbours [-]",
+    "unshaded_share": "plane 1's annual irradiation with neighbours / without [-]",
+    "unshaded_share_2": "the same for plane 2 [-]",
     # yield
     "specific_yield_kwh_per_kwp": "annual AC energy per kWp of DC capacity [kWh/kWp]",
     "energy_mwh_per_year": "annual AC energy of capacity_kwp [MWh/yr]",
     "energy_policy_mwh_per_year": "annual AC energy of capacity_policy_kwp [MWh/yr]",
+    **{f"energy_m{m:02d}_mwh": f"AC energy of capacity_kwp in month {m} [MWh]"
+       for m in range(1, 13)},
     # rejected
     "reason": "why the feature was not kept",
     "stage": "stage that rejected it",
+    # report: summaries (districts, district_types, towns)
+    "n_buildings": "buildings of the input in the unit [-]",
+    "capacity_mw": "capacity on the whole usable roof area [MW]",
+    "capacity_policy_mw": "capacity at the policy coverage shares [MW]",
+    "energy_gwh_per_year": "annual AC energy of capacity_mw [GWh/yr]",
+    "co2_avoided_kt_per_year": "CO2 avoided a year by that energy at the grid factor [kt/yr]",
+    "rule_name": "the roof-coverage rule",
+    "rule_n_buildings": "buildings of the rule's types [-]",
+    "rule_footprint_area_m2": "roof (footprint) area of the rule's types [m2]",
+    "rule_required_area_m2": "roof area the rule's share asks for [m2]",
+    "rule_usable_area_m2": "usable roof area of the rule's types [m2]",
+    "rule_usable_share": "usable / footprint area of the rule's types [-]",
+    "rule_n_below_share": "rule buildings whose usable share is below the rule [-]",
+    "rule_verdict": "whether the rule's share is reachable on the input's roofs",
+    # report: targets
+    "target_id": "id of the MW target (config targets[].id)",
+    "period": "years of the target",
+    "eligible_types": "building types whose roofs count toward the target",
+    "target_required_mw": "the target: new PV capacity asked for [MW]",
+    "n_eligible_buildings": "eligible buildings with capacity [-]",
+    "target_achievable_mw": "capacity on the eligible roofs of the input [MW]",
+    "target_achievable_policy_mw": "same at the policy coverage shares [MW]",
+    "target_existing_mw": "existing or planned PV in the district and period [MW]",
+    "n_existing_systems": "existing or planned PV systems counted [-]",
+    "target_remaining_mw": "target less existing PV: still to build [MW]",
+    "target_margin_mw": "existing + achievable - required [MW]",
+    "target_share_needed": "remaining / achievable: share of the eligible roofs needed [-]",
+    "target_share_reachable": "(existing + achievable) / required, at most 1 [-]",
+    "priority_types": "building types ranked first (the public-institution head of "
+    "plan.type_priority)",
+    "target_share_priority_types": "priority types' capacity / remaining, at most 1 [-]",
+    "target_energy_gwh_per_year": "annual AC energy of the achievable capacity [GWh/yr]",
+    "target_co2_avoided_kt_per_year": "CO2 avoided a year by that energy [kt/yr]",
+    "target_verdict": "reachable / not reachable from the buildings in the input",
+    "n_roofs_to_target": "ranked roofs needed to reach the remaining MW [-]",
+    "mw_roofs_to_target": "capacity of those roofs [MW]",
+    # report: plan, existing PV, towns, CO2
+    "priority_rank": "order in which the roof should be built for the target (1 = first)",
+    "cumulative_mw": "capacity of this roof and all ranked above it [MW]",
+    "in_target_list": "roof is in the shortest ranked list that reaches the target",
+    "existing_pv_area_m2": "roof area taken by existing or planned PV [m2]",
+    "existing_pv_kwp": "existing or planned PV capacity on the roof [kWp]",
+    "co2_avoided_t_per_year": "CO2 avoided a year by energy_mwh_per_year [t/yr]",
+    "pv_id": "id of the existing or planned PV system",
+    "pv_capacity_kwp": "capacity of the PV system [kWp]",
+    "pv_year": "year the system was or will be commissioned",
+    "pv_status": "installed or planned",
+    "pv_roof_area_m2": "roof area of the input's buildings the system takes [m2]",
+    "town_name": "sub-district unit (town, street, development zone) of the building",
+    "town_potential_mw": "capacity of the target's eligible types in the town [MW]",
+    "town_share": "town potential / district potential [-]",
+    "town_target_mw": "the town's share of the district target [MW]",
+    "town_margin_mw": "town potential - town target [MW]",
+    "split_basis": "what the target is split by (potential, or town area)",
 }
 
 

@@ -7,6 +7,12 @@ repairs what ``make_valid`` can turn into a polygon, reprojects to the one
 metric working CRS and assigns each footprint to the district its centroid
 lies in. Every feature read is either kept or rejected with a reason.
 
+Defects handled here (README "When the data is bad"): attribute parsing and
+ranges (:mod:`pipeline.attributes`), a declared CRS that does not fit the
+coordinates and GCJ-02 sources (:mod:`pipeline.coords`), duplicates within
+and across sources (:mod:`pipeline.dedup`), targets for districts missing
+from the boundaries (:func:`check_target_districts`).
+
 Outputs (GeoParquet under ``paths.processed_dir``)
 
 =========================  =======  ==============================================
@@ -17,8 +23,11 @@ source, source_id          -        where the footprint came from
 district_name              -        district containing the centroid
 district_adcode            -        its administrative code
 name ... levels_attr       -        canonical attributes (see ``glossary``)
+attribute_issues           -        how doubtful attribute values were read or
+                                    why they were set to null (``attributes``)
 footprint_area_m2          m2       area in the working CRS
-geometry_repaired          -        True where ``make_valid`` repaired it
+geometry_repaired          -        True where ``make_valid`` repaired it or Z
+                                    coordinates were dropped
 geometry                   m        (Multi)Polygon in ``working_crs``
 =========================  =======  ==============================================
 
@@ -49,9 +58,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from pipeline.attributes import check_attribute_ranges, clean_text, join_notes, parse_numbers
 from pipeline.columns import map_unique, records_json
-from pipeline.config import DistrictsConfig, PipelineConfig, SourceConfig
-from pipeline.errors import InputError
+from pipeline.config import (
+    DistrictsConfig,
+    IngestConfig,
+    PipelineConfig,
+    SourceConfig,
+    TargetConfig,
+)
+from pipeline.coords import check_extent, convert_gcj02_frame, gcj02_evidence
+from pipeline.dedup import find_duplicates
+from pipeline.errors import ConfigError, InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.io import PARQUET_SUFFIXES, read_vector, write_parquet_atomic
 from pipeline.parallel import map_tasks, rows_per_partition
@@ -65,7 +83,11 @@ _GEOM_TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LinearRing", 3: "Polygon", 
                     5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
 #: columns of ingest_buildings.parquet, in order
 KEPT_COLUMNS = ["building_id", "source", "source_id", "district_name", "district_adcode",
-                *ATTRIBUTE_COLUMNS, "footprint_area_m2", "geometry_repaired", "geometry"]
+                *ATTRIBUTE_COLUMNS, "attribute_issues", "footprint_area_m2",
+                "geometry_repaired", "geometry"]
+#: columns of ingest_rejected.parquet (``stage`` is inserted after ``name``)
+REJECTED_COLUMNS = ["building_id", "source", "source_id", "name", "reason", "attribute_issues",
+                    "original_attributes", "geometry"]
 #: canonical columns whose value makes a non-building polygon a classification area
 AREA_TAGS = ("tag_amenity", "tag_landuse", "tag_office", "tag_government", "tag_industrial",
              "land_use_code", "class_field")
@@ -110,6 +132,8 @@ def read_source(src: SourceConfig, base_dir: Path) -> gpd.GeoDataFrame:
                 "to the CRS its coordinates are in (e.g. EPSG:4326)",
             )
         raw = raw.set_crs(src.crs_if_missing)
+    if src.gcj02_to_wgs84:
+        raw = convert_gcj02_frame(raw)
     return _canonical(raw, src, path)
 
 
@@ -120,8 +144,13 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path,
     ``original_attributes`` is null when ``with_json`` is False (chunked
     ingest fills it for rejected rows only).
     """
-    missing = sorted(v for v in src.columns.values() if v not in raw.columns)
-    if missing:
+    missing = sorted({*src.columns.values(), *([src.id_field] if src.id_field else [])}
+                     - set(raw.columns)) if len(raw) == 0 else sorted(
+        v for v in src.columns.values() if v not in raw.columns)
+    if missing and len(raw) == 0:
+        log.warning("ingest: source %s (%s) has no features", src.name, path)
+        raw = raw.assign(**{m: pd.Series(dtype=object) for m in missing})
+    elif missing:
         raise InputError(
             path, f"mapped field(s) {missing} not in the file (it has: "
             f"{sorted(c for c in raw.columns if c != 'geometry')[:40]})",
@@ -138,6 +167,7 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path,
         out["source_id"] = _id_text(raw[src.id_field].to_numpy())
     else:
         out["source_id"] = np.char.mod("%d", np.arange(len(raw)))
+    notes = []
     for col in ATTRIBUTE_COLUMNS:
         field = src.columns.get(col)
         if field is None:
@@ -145,9 +175,12 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path,
         else:
             values = pd.Series(raw[field].to_numpy(), index=out.index)
         if col in NUMERIC_ATTRIBUTES:
-            out[col] = pd.to_numeric(values, errors="coerce").astype("float64")
+            kind = "levels" if col == "levels_attr" else "height"
+            out[col], note = parse_numbers(values, kind, col)
         else:
-            out[col] = _text(values, src.text_repair)
+            out[col], note = clean_text(values, src.text_repair, col)
+        notes.append(note)
+    out["attribute_issues"] = pd.Series(join_notes(*notes), index=out.index, dtype="object")
     attr_cols = [c for c in raw.columns if c != raw.geometry.name]
     out["original_attributes"] = (_records_json(raw[attr_cols]) if with_json
                                   else pd.Series(None, index=out.index, dtype="object"))
@@ -164,22 +197,6 @@ def _id_text(values: np.ndarray) -> list[str | None]:
         return str(v)
 
     return list(map_unique(values, text))
-
-
-def _text(values: pd.Series, repair: str) -> pd.Series:
-    """Strings (or NA), with the configured mis-encoding repaired."""
-    def fix(v: object) -> object:
-        s = str(v).strip()
-        if not s:
-            return pd.NA
-        if repair == "gbk_read_as_latin1":
-            try:
-                return s.encode("latin-1").decode("gbk")
-            except (UnicodeEncodeError, UnicodeDecodeError):
-                return s  # already proper text
-        return s
-
-    return pd.Series(map_unique(values, fix, null=pd.NA), index=values.index, dtype="object")
 
 
 def _records_json(frame: pd.DataFrame) -> list[str]:
@@ -327,7 +344,8 @@ def normalise_footprints(
     -------
     GeoDataFrame
         ``part`` in ``working_crs`` with ``footprint_area_m2`` [m2],
-        ``geometry_repaired``, ``role`` (building, area, poi or rejected) and
+        ``geometry_repaired`` (``make_valid`` repaired it or Z was dropped),
+        ``role`` (building, area, poi or rejected) and
         ``reason`` (null for kept buildings).
     """
     out = part.copy()
@@ -337,6 +355,7 @@ def normalise_footprints(
     missing = shapely.is_missing(geom) | shapely.is_empty(geom)
     reason[missing] = "null or empty geometry"
     geom = np.where(missing, None, geom)
+    had_z = ~missing & shapely.has_z(geom)
     geom = shapely.force_2d(geom)
     gtype = pd.Series(shapely.get_type_id(geom)).map(_GEOM_TYPE_NAMES).fillna("")
     gtype = gtype.to_numpy(dtype=object)
@@ -347,7 +366,7 @@ def normalise_footprints(
     role[is_point] = "poi"
     polygonal = ~missing & np.isin(gtype, POLYGONAL)
     invalid = polygonal & ~shapely.is_valid(geom)
-    repaired = np.zeros(len(out), dtype=bool)
+    repaired = had_z.copy()  # 3D coordinates: Z dropped
     for i in np.flatnonzero(invalid):
         fixed = _polygonal_part(shapely.make_valid(geom[i]))
         if fixed is None:
@@ -365,7 +384,14 @@ def normalise_footprints(
     if out.crs is not None:
         series = series.to_crs(working_crs)
     out = out.set_geometry(series)
-    area = np.where(polygonal, shapely.area(series.array), np.nan)
+    with np.errstate(invalid="ignore"):
+        unprojectable = polygonal & ~np.isfinite(shapely.bounds(series.array)).all(axis=1)
+    reason[unprojectable] = (f"coordinates outside the valid range of the source CRS {part.crs} "
+                             "(cannot be projected to the working CRS)")
+    role[unprojectable] = "rejected"
+    polygonal = polygonal & ~unprojectable
+    area = np.full(len(out), np.nan)
+    area[polygonal] = shapely.area(series.array[polygonal])
     out["footprint_area_m2"] = area
     is_bldg = (role == "building") & polygonal
     small = is_bldg & (area < min_area_m2)
@@ -420,8 +446,9 @@ def assign_districts(part: gpd.GeoDataFrame, districts: gpd.GeoDataFrame) -> gpd
 
 
 # --------------------------------------------------------------------------- runner
-def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gpd.GeoDataFrame:
-    """Read district boundaries into the working CRS.
+def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path,
+                   targets: list[TargetConfig] | tuple = ()) -> gpd.GeoDataFrame:
+    """Read district boundaries into the working CRS; check the targets' districts.
 
     Parameters
     ----------
@@ -431,11 +458,20 @@ def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gp
         Target CRS.
     base_dir : Path
         Directory that relative paths are resolved against.
+    targets : list of TargetConfig, optional
+        Targets whose ``district_name`` must be a district in the file.
 
     Returns
     -------
     GeoDataFrame
         ``district_name``, ``district_adcode`` (text), geometry.
+
+    Raises
+    ------
+    InputError
+        Missing file, field or CRS.
+    ConfigError
+        A target names a district that is not in the boundaries.
     """
     path = cfg.path if cfg.path.is_absolute() else base_dir / cfg.path
     raw = read_vector(path, layer=cfg.layer)
@@ -453,18 +489,50 @@ def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gp
          "district_adcode": _id_text(raw[cfg.code_field].to_numpy())},
         geometry=shapely.make_valid(raw.geometry.array), crs=raw.crs,
     ).to_crs(working_crs)
+    check_target_districts(targets, out["district_name"], path)
     return out
+
+
+def check_target_districts(targets: list[TargetConfig] | tuple, names: pd.Series,
+                           path: Path) -> None:
+    """Raise if a target names a district that the boundaries do not have.
+
+    Parameters
+    ----------
+    targets : list of TargetConfig
+        The configured targets.
+    names : Series
+        District names in the boundaries file.
+    path : Path
+        The boundaries file, for the message.
+
+    Raises
+    ------
+    ConfigError
+        Naming the target id, its district and the known district names.
+    """
+    known = sorted(set(names.astype(str)))
+    for t in targets:
+        if t.district_name not in known:
+            raise ConfigError(
+                f"targets[{t.id}].district_name: district {t.district_name!r} is not in the "
+                f"district boundaries {path} (districts: {', '.join(known)}). Fix: spell it as "
+                "in the boundaries file, or point districts.path at boundaries that have it")
 
 
 def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """Ingest every source; write the stage's GeoParquet files.
 
     Sources are read in chunks (GeoParquet row groups, slices of large GDAL
-    layers) by the workers; each chunk is normalised, assigned to districts
-    and its kept buildings sorted along a Hilbert curve over the districts'
-    extent and spilled to disk. The spills are then merged into
-    ``ingest_buildings.parquet``, spatially sorted, one row group per
-    partition, so that later stages stream compact patches of the map.
+    layers) by the workers; each chunk is checked, normalised and assigned to
+    districts, and its kept buildings are sorted along a Hilbert curve over
+    the districts' extent and spilled to disk. The spills are then merged,
+    one partition per task, into ``ingest_buildings.parquet``, spatially
+    sorted, one row group per partition, so that later stages stream compact
+    patches of the map. Duplicates (:mod:`pipeline.dedup`) and the GCJ-02
+    evidence are found within each merged partition: two records of one
+    building have nearly the same centre, so they fall in the same partition
+    unless a partition boundary passes between their centres.
 
     Parameters
     ----------
@@ -482,45 +550,57 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     t0 = time.perf_counter()
     out_dir = base_dir / cfg.paths.processed_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     bounds = tuple(float(v) for v in districts.total_bounds)
     spill_dir = Path(tempfile.mkdtemp(prefix=".ingest_spill_", dir=out_dir))
     try:
-        tasks = []
+        tasks, first_chunk = [], {}
         for src in cfg.sources:
             for n, (chunk, ids) in enumerate(source_chunks(src, base_dir)):
-                tasks.append((src, chunk, ids, districts, cfg.working_crs,
-                              cfg.ingest.min_footprint_area_m2,
-                              cfg.ingest.max_footprint_area_m2, bounds,
+                first_chunk.setdefault(src.name, chunk)
+                tasks.append((src, chunk, ids, districts, cfg.working_crs, cfg.ingest, bounds,
                               str(spill_dir / f"{src.name}_{n:06d}.arrow")))
         sizes = [len(t[2]) for t in tasks]
         results = list(map_tasks(ingest_chunk, tasks, label="ingest", sizes=sizes))
-        rows_kept, _ = merge_spills(results, out_dir / "ingest_buildings.parquet")
+        for src in cfg.sources:
+            mine = [r for r in results if r["source"] == src.name]
+            if sum(r["read"] for r in mine) and not sum(r["near"] for r in mine):
+                # no feature near the districts: the first chunk tells what is wrong
+                raw, _ = read_chunk(src, first_chunk[src.name], canonical=False)
+                check_extent(raw, src.path if src.path.is_absolute() else base_dir / src.path,
+                             src.name, districts, cfg.ingest.crs_check_margin_m)
+        rows_kept, dup_rejected, counts = merge_spills(
+            results, out_dir / "ingest_buildings.parquet", cfg.ingest,
+            [s.name for s in cfg.sources])
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
-    def gather(key: str) -> gpd.GeoDataFrame:
-        frames = [r[key] for r in results]
+    def gather(frames: list[pd.DataFrame]) -> gpd.GeoDataFrame:
         return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
                                 crs=cfg.working_crs)
 
-    areas, pois, rejected = gather("areas"), gather("pois"), gather("rejected")
+    areas = gather([r["areas"] for r in results])
+    pois = gather([r["pois"] for r in results])
+    rejected = gather([r["rejected"] for r in results] + [dup_rejected])
+    warnings = gcj02_verdicts(counts, cfg)
     accounting = {}
     for src in cfg.sources:
         mine = [r for r in results if r["source"] == src.name]
-        by_reason: dict[str, int] = {}
-        for r in mine:
-            for reason, count in r["rejected_by_reason"].items():
-                by_reason[reason] = by_reason.get(reason, 0) + count
+        reasons = rejected.loc[rejected["source"].eq(src.name), "reason"]
+        by_reason = reason_kind(reasons).value_counts()
+        n_dups = int((dup_rejected["source"] == src.name).sum())
         accounting[src.name] = {
             "read": sum(r["read"] for r in mine),
-            "kept": sum(r["kept"] for r in mine),
-            "rejected": sum(by_reason.values()),
-            "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+            "kept": sum(r["kept"] for r in mine) - n_dups,
+            "rejected": int(len(reasons)),
+            "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
+            "attribute_issues": sum(r["attribute_issues"] for r in mine),
+            "warnings": warnings.get(src.name, []),
         }
         acc = accounting[src.name]
         assert acc["read"] == acc["kept"] + acc["rejected"], acc
     assert rows_kept == sum(a["kept"] for a in accounting.values())
+    _log_duplicates(dup_rejected)
 
     write_parquet_atomic(areas, out_dir / "ingest_areas.parquet")
     write_parquet_atomic(pois, out_dir / "ingest_pois.parquet")
@@ -564,18 +644,21 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
     size = rows_per_partition()
     chunks: list[tuple] = []
     ids_field: np.ndarray | None = None
-    if src.kind == "vector" and path.suffix.lower() in PARQUET_SUFFIXES and path.is_file():
+    if src.kind == "vector" and path.suffix.lower() in PARQUET_SUFFIXES and path.is_file() \
+            and path.stat().st_size > 0:
         try:
-            meta = pq.ParquetFile(path).metadata
+            pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types
             raise InputError(path, f"not a readable GeoParquet file ({exc})",
                              fix="replace it with a complete GeoParquet file") from exc
         offset = 0
         for rgs in partitions(path, size):
             chunks.append(("parquet", path, rgs, offset))
-            offset += sum(meta.row_group(i).num_rows for i in rgs)
-        n = meta.num_rows
-        if src.id_field and src.id_field in pq.ParquetFile(path).schema_arrow.names:
+            offset += sum(pf.metadata.row_group(i).num_rows for i in rgs)
+        n = pf.metadata.num_rows
+        if not chunks:
+            chunks = [("parquet", path, [], 0)]
+        if src.id_field and src.id_field in pf.schema_arrow.names:
             ids_field = pq.read_table(path, columns=[src.id_field])[src.id_field].to_numpy(
                 zero_copy_only=False)
     elif src.kind == "vector" and path.is_file() and (
@@ -584,7 +667,9 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
         if src.id_field:
             try:
                 ids_frame = pyogrio.read_dataframe(path, layer=src.layer, columns=[src.id_field],
-                                                   read_geometry=False, encoding=src.encoding)
+                                                   read_geometry=False,
+                                                   **({"encoding": src.encoding}
+                                                      if src.encoding else {}))
                 ids_field = ids_frame[src.id_field].to_numpy()
             except Exception:  # noqa: BLE001 - a missing field is reported by the chunk reader
                 ids_field = None
@@ -592,11 +677,9 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
         raw = read_source(src, base_dir)
         n = len(raw)
         chunks = [("frame", raw.iloc[a:a + size], a) for a in range(0, max(n, 1), size)]
-        ids_field = None
-        source_ids = raw["source_id"]
-        return _with_ids(src, chunks, source_ids)
+        return _with_ids(src, chunks, raw["source_id"])
     if ids_field is not None and len(ids_field) == n:
-        source_ids = pd.Series(_id_text(ids_field))
+        source_ids = pd.Series(_id_text(ids_field), dtype=object)
     else:
         source_ids = pd.Series(np.char.mod("%d", np.arange(n)), dtype=object)
     return _with_ids(src, chunks, source_ids)
@@ -605,16 +688,8 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
 def _with_ids(src: SourceConfig, chunks: list[tuple], source_ids: pd.Series
               ) -> list[tuple[tuple, np.ndarray]]:
     ids = _unique_ids(src.name, source_ids.reset_index(drop=True))
-    out = []
-    for chunk in chunks:
-        offset = chunk[-1]
-        rows = (len(chunk[1]) if chunk[0] == "frame" else chunk[3] if chunk[0] == "gdal"
-                else None)
-        if rows is None:
-            nxt = [c[-1] for c in chunks if c[-1] > offset]
-            rows = (min(nxt) if nxt else len(ids)) - offset
-        out.append((chunk, ids[offset:offset + rows]))
-    return out
+    starts = [c[-1] for c in chunks] + [len(ids)]
+    return [(chunk, ids[starts[k]:starts[k + 1]]) for k, chunk in enumerate(chunks)]
 
 
 def _feature_count(path: Path, layer: str | None) -> int:
@@ -626,7 +701,7 @@ def _feature_count(path: Path, layer: str | None) -> int:
         return -1
 
 
-def read_chunk(src: SourceConfig, chunk: tuple
+def read_chunk(src: SourceConfig, chunk: tuple, canonical: bool = True
                ) -> tuple[gpd.GeoDataFrame, pd.DataFrame | None]:
     """Read one chunk of a source into canonical columns (in its own CRS).
 
@@ -636,6 +711,8 @@ def read_chunk(src: SourceConfig, chunk: tuple
         The source.
     chunk : tuple
         From :func:`source_chunks`.
+    canonical : bool
+        False returns the features as read (CRS set, GCJ-02 converted).
 
     Returns
     -------
@@ -667,7 +744,11 @@ def read_chunk(src: SourceConfig, chunk: tuple
                 "to the CRS its coordinates are in (e.g. EPSG:4326)",
             )
         raw = raw.set_crs(src.crs_if_missing)
+    if src.gcj02_to_wgs84:
+        raw = convert_gcj02_frame(raw)
     raw = raw.reset_index(drop=True)
+    if not canonical:
+        return raw, None
     out = _canonical(raw, src, path, with_json=False)
     if not src.id_field:
         out["source_id"] = np.char.mod("%d", np.arange(chunk[-1], chunk[-1] + len(out)))
@@ -675,10 +756,9 @@ def read_chunk(src: SourceConfig, chunk: tuple
 
 
 def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
-                 districts: gpd.GeoDataFrame, working_crs: str, min_area_m2: float,
-                 max_area_m2: float, bounds: tuple[float, float, float, float],
-                 spill_path: str) -> dict:
-    """Read, normalise and locate one chunk; spill its kept buildings (a task).
+                 districts: gpd.GeoDataFrame, working_crs: str, icfg: IngestConfig,
+                 bounds: tuple[float, float, float, float], spill_path: str) -> dict:
+    """Read, check, normalise and locate one chunk; spill its kept buildings (a task).
 
     Parameters
     ----------
@@ -692,8 +772,8 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
         District boundaries in ``working_crs``.
     working_crs : str
         Metric working CRS.
-    min_area_m2, max_area_m2 : float
-        Plausible footprint area range [m2].
+    icfg : IngestConfig
+        Area and attribute ranges, CRS-check margin.
     bounds : tuple of float
         Extent of the districts [m], for the Hilbert keys.
     spill_path : str
@@ -702,15 +782,25 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     Returns
     -------
     dict
-        ``source``, ``read``, ``kept``, ``rejected_by_reason``, ``keys``
+        ``source``, ``read``, ``kept``, ``near`` (features within the
+        CRS-check margin of the districts), ``attribute_issues``, ``keys``
         (sorted Hilbert keys of the spilled rows), ``spill``, and the
         ``areas``, ``pois`` and ``rejected`` rows as GeoDataFrames.
     """
+    from pipeline.coords import _points, _share_near
     from pipeline.stream import spatial_keys, to_arrow
 
     canonical, attributes = read_chunk(src, chunk)
-    norm = normalise_footprints(canonical.reset_index(drop=True), working_crs, min_area_m2,
-                                max_area_m2, src.building_filter)
+    canonical = canonical.reset_index(drop=True)
+    near = 0
+    if len(canonical) and canonical.crs is not None:
+        x, y = _points(canonical)
+        m = icfg.crs_check_margin_m
+        box = (bounds[0] - m, bounds[1] - m, bounds[2] + m, bounds[3] + m)
+        near = round(_share_near(x, y, canonical.crs, box, districts.crs) * len(x))
+    canonical = check_attribute_ranges(canonical, icfg.max_height_attr_m, icfg.max_levels_attr)
+    norm = normalise_footprints(canonical, working_crs, icfg.min_footprint_area_m2,
+                                icfg.max_footprint_area_m2, src.building_filter)
     norm["building_id"] = np.asarray(building_ids, dtype=object)
     bmask = norm["role"].eq("building").to_numpy()
     located = assign_districts(norm[bmask], districts)
@@ -722,8 +812,11 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     norm.loc[outside, "reason"] = "centroid outside every district boundary"
     norm.loc[outside, "role"] = "rejected"
 
-    kept = norm[norm["role"].eq("building")]
-    kept = gpd.GeoDataFrame(kept[KEPT_COLUMNS], geometry="geometry", crs=working_crs)
+    kept = norm[norm["role"].eq("building")].copy()
+    if attributes is not None:  # a duplicate found at the merge is rejected with them
+        kept["original_attributes"] = _records_json(attributes.loc[kept.index])
+    kept = gpd.GeoDataFrame(kept[[*KEPT_COLUMNS[:-1], "original_attributes", "geometry"]],
+                            geometry="geometry", crs=working_crs)
     keys = spatial_keys(kept.geometry.to_numpy(), bounds)
     order = np.argsort(keys, kind="stable")
     table = to_arrow(kept.iloc[order].reset_index(drop=True))
@@ -736,28 +829,27 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     pois["poi_category"] = (pois["tag_amenity"].fillna(pois["tag_office"])
                             .fillna(pois["tag_shop"]).fillna(pois["tag_tourism"])
                             .fillna(pois["class_field"]))
-    rejected = norm[norm["reason"].notna()][
-        ["building_id", "source", "source_id", "name", "reason", "original_attributes",
-         "geometry"]].copy()
+    rejected = norm[norm["reason"].notna()][REJECTED_COLUMNS].copy()
     if attributes is not None:
         rejected["original_attributes"] = _records_json(attributes.loc[rejected.index])
     rejected.insert(4, "stage", "ingest")
     return {
-        "source": src.name, "read": len(norm), "kept": len(kept),
-        "rejected_by_reason": {str(k): int(v) for k, v in
-                               rejected["reason"].value_counts().items()},
+        "source": src.name, "read": len(norm), "kept": len(kept), "near": near,
+        "attribute_issues": int(norm["attribute_issues"].notna().sum()),
         "keys": keys[order], "spill": spill_path,
         "areas": areas, "pois": pois, "rejected": rejected,
     }
 
 
-def merge_spills(results: list[dict], out: Path) -> tuple[int, int]:
+def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_order: list[str]
+                 ) -> tuple[int, gpd.GeoDataFrame, dict]:
     """Merge the chunks' sorted spills into one spatially sorted GeoParquet.
 
     Partition boundaries are quantiles of all Hilbert keys, so partitions
-    hold about ``dask.rows_per_partition`` rows each; each partition reads
-    only its key range from every spill (memory-mapped) and becomes one row
-    group.
+    hold about ``dask.rows_per_partition`` rows each. Each partition is a
+    task (:func:`merge_partition`) that reads only its key range from every
+    spill, drops duplicates and counts the GCJ-02 evidence; it becomes one
+    row group.
 
     Parameters
     ----------
@@ -765,11 +857,16 @@ def merge_spills(results: list[dict], out: Path) -> tuple[int, int]:
         From :func:`ingest_chunk`.
     out : Path
         ``ingest_buildings.parquet``.
+    icfg : IngestConfig
+        Duplicate thresholds.
+    source_order : list of str
+        Source names, most trusted first.
 
     Returns
     -------
-    tuple of int
-        Rows and row groups written.
+    tuple
+        Rows written, the rejected duplicates (GeoDataFrame) and the GCJ-02
+        counts ``{(a, b): (as_read, converted)}``.
     """
     from pipeline.stream import write_tables
 
@@ -777,28 +874,188 @@ def merge_spills(results: list[dict], out: Path) -> tuple[int, int]:
     all_keys = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
     size = rows_per_partition()
     edges = [None, *all_keys[size::size].tolist(), None]
+    tasks = []
+    for lo, hi in itertools.pairwise(edges):
+        slices = []
+        for r, k in zip(results, keys, strict=True):
+            a = 0 if lo is None else int(np.searchsorted(k, lo, "left"))
+            b = len(k) if hi is None else int(np.searchsorted(k, hi, "left"))
+            if b > a:
+                slices.append((r["spill"], a, b, k[a:b]))
+        if slices or not tasks:
+            if not slices and results:  # no building at all: an empty table with the schema
+                slices = [(results[0]["spill"], 0, 0, keys[0][:0])]
+            tasks.append((slices, icfg.dedup_min_overlap_share, icfg.dedup_min_area_ratio,
+                          source_order))
+    dups: list[gpd.GeoDataFrame] = []
+    counts: dict[tuple[str, str], tuple[int, int]] = {}
 
     def tables() -> Iterator[pa.Table]:
-        wrote = False
-        for lo, hi in itertools.pairwise(edges):
-            parts, part_keys = [], []
-            for r, k in zip(results, keys, strict=True):
-                a = 0 if lo is None else int(np.searchsorted(k, lo, "left"))
-                b = len(k) if hi is None else int(np.searchsorted(k, hi, "left"))
-                if b > a or (not wrote and not parts):
-                    # memory-mapped: only the slice's pages are read; take() below copies
-                    spill = pa.ipc.open_file(pa.memory_map(r["spill"], "r")).read_all()
-                    parts.append(spill.slice(a, b - a))
-                    part_keys.append(k[a:b])
-            table = pa.concat_tables(parts, promote_options="permissive")
-            if table.num_rows == 0 and wrote:
-                continue
-            order = np.argsort(np.concatenate(part_keys), kind="stable")
-            yield table.take(pa.array(order)).combine_chunks()
-            wrote = True
+        for table, dup, gcj in map_tasks(merge_partition, tasks, label="ingest merge",
+                                         sizes=[sum(s[2] - s[1] for s in t[0]) for t in tasks]):
+            dups.append(dup)
+            for pair, (x, y) in gcj.items():
+                old = counts.get(pair, (0, 0))
+                counts[pair] = (old[0] + x, old[1] + y)
+            yield table
 
     rows, _ = write_tables(tables(), out)
-    return rows, max(len(edges) - 1, 1)
+    dup_frame = (pd.concat(dups, ignore_index=True) if dups else
+                 pd.DataFrame(columns=["stage", *REJECTED_COLUMNS]))
+    return rows, dup_frame, counts
+
+
+def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_share: float,
+                    min_area_ratio: float, source_order: list[str]
+                    ) -> tuple[pa.Table, gpd.GeoDataFrame, dict]:
+    """One partition of ``ingest_buildings``: gather, sort, drop duplicates (a task).
+
+    Parameters
+    ----------
+    slices : list of (spill, start, stop, keys)
+        Row ranges of the spills (Arrow IPC, memory-mapped) and their keys.
+    min_overlap_share, min_area_ratio : float
+        Duplicate thresholds [-] (:func:`pipeline.dedup.find_duplicates`).
+    source_order : list of str
+        Source names, most trusted first.
+
+    Returns
+    -------
+    tuple
+        The partition as an Arrow table sorted by Hilbert key, without
+        duplicates; the duplicates as rejected rows; GCJ-02 evidence counts
+        by ordered pair of sources.
+    """
+    from pipeline.stream import _from_arrow
+
+    parts = []
+    for path, a, b, _ in slices:
+        # memory-mapped: only the slice's pages are read; take() below copies
+        parts.append(pa.ipc.open_file(pa.memory_map(path, "r")).read_all().slice(a, b - a))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    order = np.argsort(np.concatenate([s[3] for s in slices]), kind="stable")
+    table = table.take(pa.array(order, type=pa.int64())).combine_chunks()
+    frame = _from_arrow(table)
+    dups = find_duplicates(frame, min_overlap_share, min_area_ratio, source_order)
+    counts = {}
+    names = [s for s in source_order if (frame["source"] == s).any()]
+    for sa in names:
+        for sb in names:
+            if sa != sb:
+                counts[(sa, sb)] = gcj02_evidence(frame[frame["source"].eq(sa)],
+                                                  frame[frame["source"].eq(sb)])
+    rejected = frame.loc[dups.index].copy()
+    rejected["reason"] = duplicate_reasons(dups)
+    rejected = rejected[REJECTED_COLUMNS]
+    rejected.insert(4, "stage", "ingest")
+    table = table.drop_columns(["original_attributes"])
+    if len(dups):
+        keep = np.ones(len(frame), dtype=bool)
+        keep[frame.index.get_indexer(dups.index)] = False
+        table = table.filter(pa.array(keep))
+    return table, rejected, counts
+
+
+def gcj02_warnings(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Warn about sources that look like GCJ-02 against another source.
+
+    For every ordered pair of sources (A, B) counts A's footprints whose
+    centre lies in one of B's as read and after converting A from GCJ-02 to
+    WGS84 (:func:`pipeline.coords.gcj02_evidence`); when conversion gives at
+    least ``ingest.gcj02_detect_min_matches`` and ``ingest.gcj02_detect_gain``
+    times as many, A is logged as probably GCJ-02.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Kept footprints of all sources, working CRS.
+    cfg : PipelineConfig
+        Sources and thresholds.
+
+    Returns
+    -------
+    dict
+        Warning texts by source name.
+    """
+    by_src = {s.name: buildings[buildings["source"].eq(s.name)] for s in cfg.sources}
+    counts = {(a.name, b.name): gcj02_evidence(by_src[a.name], by_src[b.name])
+              for a in cfg.sources for b in cfg.sources
+              if a.name != b.name and len(by_src[a.name]) and len(by_src[b.name])}
+    return gcj02_verdicts(counts, cfg)
+
+
+def gcj02_verdicts(counts: dict[tuple[str, str], tuple[int, int]], cfg: PipelineConfig
+                   ) -> dict[str, list[str]]:
+    """Warnings from GCJ-02 evidence counts (see :func:`gcj02_warnings`).
+
+    Parameters
+    ----------
+    counts : dict
+        ``{(a, b): (as_read, converted)}`` for ordered pairs of sources.
+    cfg : PipelineConfig
+        Sources and thresholds.
+
+    Returns
+    -------
+    dict
+        Warning texts by source name.
+    """
+    out: dict[str, list[str]] = {}
+    for a in cfg.sources:
+        for b in cfg.sources:
+            if (a.name, b.name) not in counts:
+                continue
+            as_read, converted = counts[(a.name, b.name)]
+            log.info("ingest: %s footprints inside %s footprints: %d as read, %d if %s were "
+                     "GCJ-02", a.name, b.name, as_read, converted, a.name)
+            if (converted >= cfg.ingest.gcj02_detect_min_matches
+                    and converted >= cfg.ingest.gcj02_detect_gain * as_read):
+                msg = (f"source {a.name} looks like GCJ-02 (Chinese map-service) coordinates: "
+                       f"{converted} of its footprints fall inside {b.name} footprints after "
+                       f"GCJ-02 -> WGS84 conversion, {as_read} as read; if {b.name} is WGS84, "
+                       f"set sources[{a.name}].gcj02_to_wgs84: true")
+                log.warning("ingest: %s", msg)
+                out.setdefault(a.name, []).append(msg)
+    return out
+
+
+def duplicate_reasons(dups: pd.DataFrame) -> pd.Series:
+    """Rejection reasons of duplicate footprints, naming the record kept.
+
+    Parameters
+    ----------
+    dups : DataFrame
+        Output of :func:`pipeline.dedup.find_duplicates`.
+
+    Returns
+    -------
+    Series
+        One reason per dropped footprint.
+    """
+    return pd.Series(
+        [f"duplicate of {k} ({share:.0%} of the smaller footprint overlaps, area ratio "
+         f"{ratio:.2f}; kept the richer record: richness {rk} vs {rd})"
+         for k, share, ratio, rk, rd in zip(dups["kept_id"], dups["overlap_share"],
+                                            dups["area_ratio"], dups["richness_kept"],
+                                            dups["richness_dropped"], strict=True)],
+        index=dups.index, dtype="object")
+
+
+def reason_kind(reasons: pd.Series) -> pd.Series:
+    """Reasons with record-specific parts removed, for counting by reason."""
+    return reasons.str.replace(r"^duplicate of .*$", "duplicate of a richer footprint "
+                               "(ingest.dedup_min_overlap_share, dedup_min_area_ratio)",
+                               regex=True)
+
+
+def _log_duplicates(dups: pd.DataFrame) -> None:
+    if dups.empty:
+        log.info("ingest: no duplicate footprints")
+        return
+    kept_src = dups["reason"].str.extract(r"^duplicate of ([^:]+):", expand=False)
+    pairs = kept_src.fillna("?") + " kept over " + dups["source"].astype(str)
+    log.info("ingest: %d duplicate footprints rejected (%s)", len(dups),
+             ", ".join(f"{k}: {v}" for k, v in pairs.value_counts().items()))
 
 
 def _unique_ids(source: str, source_id: pd.Series) -> np.ndarray:

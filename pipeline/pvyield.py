@@ -540,6 +540,9 @@ def run(
         Row counts, class count, weather file and warnings, energy totals
         [MWh/yr] and duration [s].
     """
+    import pyarrow.parquet as pq
+
+    from pipeline.planes import PLANE_INPUT_COLUMNS, join_plane_yield, plane_rows
     from pipeline.stream import map_file, read_columns
 
     t0 = time.perf_counter()
@@ -547,12 +550,15 @@ def run(
         resolve_path(p, base_dir) for p in (buildings_in, out, classes_out)
     )
     weather = read_weather(weather_cfg, base_dir)
-    orientations = read_columns(buildings_in, ["tilt_deg", "azimuth_deg"])
+    # plane orientations only: the buildings themselves are streamed below
+    names = pq.ParquetFile(buildings_in).schema_arrow.names
+    orientations = read_columns(buildings_in, [c for c in PLANE_INPUT_COLUMNS if c in names])
     log.info("yield: %d buildings in from %s", len(orientations), buildings_in)
     step = yield_cfg.orientation_step_deg
-    table = class_yield(orientation_classes(orientations, step), weather, yield_cfg)
+    # one row per roof plane (plane 2 of pitched roofs, shading shares): pipeline.planes
+    table = class_yield(orientation_classes(plane_rows(orientations), step), weather, yield_cfg)
     rows_in, rows_out, joined = map_file(
-        buildings_in, out, join_yield, table, step, label="yield", geometry="skip",
+        buildings_in, out, join_plane_yield, table, step, label="yield", geometry="skip",
         keep=("energy_mwh_per_year", "energy_policy_mwh_per_year"))
     _write_atomic(table, classes_out)
     duration = time.perf_counter() - t0

@@ -102,9 +102,6 @@ def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
 def to_arrow(frame: pd.DataFrame) -> pa.Table:
     """A (Geo)DataFrame as an Arrow table in GeoParquet layout (WKB geometry).
 
-    All-null text columns are typed as strings, so that partitions agree on
-    the schema.
-
     Parameters
     ----------
     frame : DataFrame or GeoDataFrame
@@ -112,20 +109,20 @@ def to_arrow(frame: pd.DataFrame) -> pa.Table:
     Returns
     -------
     pyarrow.Table
-        With GeoParquet ``geo`` metadata for a GeoDataFrame.
+        With GeoParquet ``geo`` metadata for a GeoDataFrame. All-null
+        object columns have Arrow's null type (see :func:`write_tables`).
     """
     if isinstance(frame, gpd.GeoDataFrame):
         from geopandas.io.arrow import _geopandas_to_arrow
 
-        table = _geopandas_to_arrow(frame, index=False)
-    else:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    nulls = [i for i, f in enumerate(table.schema) if pa.types.is_null(f.type)]
-    for i in nulls:
-        field = table.schema.field(i)
-        table = table.set_column(i, field.with_type(pa.string()),
-                                 table.column(i).cast(pa.string()))
-    return table
+        return _geopandas_to_arrow(frame, index=False)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _nulls_as_strings(schema: pa.Schema) -> pa.Schema:
+    """All-null columns typed as strings, so that partitions agree on the schema."""
+    fields = [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tuple,
@@ -179,12 +176,21 @@ class GeoParquetWriter:
         self.geo: dict | None = None
         self.rows = 0
 
-    def write(self, table: pa.Table) -> None:
-        """Append one table as one row group."""
+    def write(self, table: pa.Table, more: bool = True) -> None:
+        """Append one table as one row group.
+
+        ``more=False`` on the first table says that it is the only one: its
+        all-null columns then keep Arrow's null type (they read back as
+        None), as a whole-frame write would give; otherwise they are typed
+        as strings so that later partitions with values fit the schema.
+        """
         meta = dict(table.schema.metadata or {})
         geo = json.loads(meta.pop(b"geo")) if b"geo" in meta else None
         if self.writer is None:
-            self.schema = table.schema.with_metadata(meta)
+            schema = table.schema if not more else _nulls_as_strings(table.schema)
+            self.schema = schema.with_metadata(meta)
+            if not schema.equals(table.schema, check_metadata=False):
+                table = table.cast(self.schema)
             self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
             self.geo = geo
         else:
@@ -250,11 +256,15 @@ def write_tables(tables: Iterable[pa.Table], path: Path,
         Rows written and the ``keep`` columns of all rows.
     """
     kept: list[pd.DataFrame] = []
+    stream = iter(tables)
     with atomic_path(path) as tmp, GeoParquetWriter(tmp) as writer:
-        for table in tables:
-            writer.write(table)
+        table = next(stream, None)
+        while table is not None:
+            following = next(stream, None)  # one table of look-ahead: is this the only one?
+            writer.write(table, more=writer.writer is not None or following is not None)
             if keep:
                 kept.append(table.select(list(keep)).to_pandas())
+            table = following
     summary = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=list(keep))
     return writer.rows, summary
 
