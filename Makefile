@@ -111,3 +111,9 @@ clean:
 
 distclean: clean
 	rm -rf $(RAW)/shanghai $(RAW)/weather $(VENV)
+
+# ---- benchmark (prints numbers; generated data under data/bench/, gitignored)
+BENCH_SIZES ?= 250000 1000000 2000000
+.PHONY: bench
+bench: $(VENV)/.installed data
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.run --sizes $(BENCH_SIZES)
