@@ -1,0 +1,199 @@
+"""Streaming over GeoParquet row groups, chunked ingest and the vectorised column helpers."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import shapely
+import yaml
+from shapely.geometry import MultiPolygon, box
+
+from pipeline import ingest
+from pipeline.columns import map_unique, records_json
+from pipeline.config import load_config
+from pipeline.parallel import scheduler_context
+from pipeline.stream import (
+    map_file,
+    partitions,
+    polygons_to_multi_wkb,
+    read_partition,
+    spatial_keys,
+    to_arrow,
+    write_tables,
+)
+from tests.conftest import ROOT
+
+BAD = ROOT / "tests/data/bad"
+
+
+def test_map_unique_calls_the_function_once_per_distinct_value():
+    calls = []
+
+    def f(v):
+        calls.append(v)
+        return v.upper()
+
+    out = map_unique(pd.Series(["a", "b", "a", None, np.nan, "b"], dtype=object), f, null="-")
+    assert list(out) == ["A", "B", "A", "-", "-", "B"]
+    assert sorted(calls) == ["a", "b"]
+
+
+def test_map_unique_keeps_mixed_python_types_apart():
+    # 1, 1.0 and True hash alike; each must still get its own result
+    out = map_unique(pd.Series([1, 1.0, True, "1"], dtype=object), lambda v: type(v).__name__)
+    assert list(out) == ["int", "float", "bool", "str"]
+
+
+def test_records_json_is_json_dumps_of_the_non_null_values():
+    frame = pd.DataFrame({"id": ["w/1", "w/2"], "height": [12.5, np.nan],
+                          "levels": [3, 4], "名": [None, "学校"], "ok": [True, False]})
+    assert list(records_json(frame)) == [
+        '{"id": "w/1", "height": 12.5, "levels": 3, "ok": true}',
+        '{"id": "w/2", "levels": 4, "名": "学校", "ok": false}',
+    ]
+    assert json.loads(records_json(frame)[1])["名"] == "学校"
+
+
+def buildings(n=30, seed=3):
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(350_000, 351_000, n), rng.uniform(3_450_000, 3_451_000, n)
+    return gpd.GeoDataFrame(
+        {"building_id": [f"b{i}" for i in range(n)], "kind": rng.choice(["a", "b", None], n)},
+        geometry=[box(a, b, a + 10 + i, b + 20) for i, (a, b) in enumerate(zip(x, y,
+                                                                                strict=True))],
+        crs="EPSG:32651")
+
+
+def write_row_groups(gdf, path, size):
+    return write_tables((to_arrow(gdf.iloc[i:i + size]) for i in range(0, len(gdf), size)),
+                        path)
+
+
+def doubled_area(part):
+    out = part.copy()
+    out["area_x2_m2"] = 2 * part.geometry.area
+    return out
+
+
+def test_row_groups_become_partitions_and_geo_metadata_covers_all(tmp_path):
+    gdf = buildings()
+    rows, _ = write_row_groups(gdf, tmp_path / "in.parquet", 10)
+    assert rows == 30 and pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups == 3
+    assert partitions(tmp_path / "in.parquet", 10) == [[0], [1], [2]]
+    assert partitions(tmp_path / "in.parquet", 25) == [[0, 1], [2]]
+    geo = json.loads(pq.ParquetFile(tmp_path / "in.parquet").metadata.metadata[b"geo"])
+    assert geo["columns"]["geometry"]["bbox"] == pytest.approx(list(gdf.total_bounds))
+    back = gpd.read_parquet(tmp_path / "in.parquet")
+    assert back.crs == gdf.crs and back.geom_equals_exact(gdf.geometry, 0).all()
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_map_file_equals_the_kernel_on_the_whole_frame(tmp_path, scheduler):
+    gdf = buildings()
+    write_row_groups(gdf, tmp_path / "in.parquet", 7)
+    with scheduler_context(scheduler, n_workers=2, rows_per_partition=7):
+        rows_in, rows_out, kept = map_file(tmp_path / "in.parquet", tmp_path / "out.parquet",
+                                           doubled_area, keep=("area_x2_m2",))
+    assert rows_in == rows_out == 30
+    expected = doubled_area(gdf)
+    got = gpd.read_parquet(tmp_path / "out.parquet")
+    pd.testing.assert_series_equal(got["area_x2_m2"], expected["area_x2_m2"])
+    assert kept["area_x2_m2"].tolist() == expected["area_x2_m2"].tolist()
+    assert got.geom_equals_exact(gdf.geometry, 0).all()
+    assert list(got["building_id"]) == list(gdf["building_id"])
+
+
+def test_polygons_become_one_part_multipolygons_without_decoding():
+    geoms = [box(0, 0, 1, 2), MultiPolygon([box(0, 0, 1, 1), box(3, 3, 4, 4)]), None]
+    wkb = pa.array(shapely.to_wkb(geoms), type=pa.binary())
+    out = shapely.from_wkb(polygons_to_multi_wkb(wkb).to_numpy(zero_copy_only=False))
+    assert out[0].geom_type == "MultiPolygon" and out[0].equals(box(0, 0, 1, 2))
+    assert out[1].equals(geoms[1]) and out[2] is None
+
+
+def test_spatial_keys_are_comparable_across_chunks():
+    bounds = (0.0, 0.0, 100.0, 100.0)
+    a = spatial_keys(np.array([box(1, 1, 2, 2), box(90, 90, 91, 91)]), bounds)
+    b = spatial_keys(np.array([box(1, 1, 2, 2), None]), bounds)
+    assert a[0] == b[0] and a[1] != a[0] and b[1] == np.iinfo(np.int64).max
+
+
+@pytest.fixture
+def chunked_source(tmp_path):
+    """A GeoParquet source of 25 buildings in 3 row groups; the last duplicates the first."""
+    districts = gpd.read_file(BAD / "districts.geojson").to_crs("EPSG:32651")
+    x0, y0 = shapely.get_coordinates(districts.geometry.iloc[0].representative_point())[0]
+    geoms = [box(x0 + 40 * (i % 5), y0 + 40 * (i // 5), x0 + 40 * (i % 5) + 20,
+                 y0 + 40 * (i // 5) + 15) for i in range(24)]
+    src = gpd.GeoDataFrame({"fid": np.arange(25), "building": ["yes"] * 25},
+                           geometry=[*geoms, geoms[0]], crs="EPSG:32651")
+    src.loc[3, "geometry"] = box(x0 + 120, y0, x0 + 122, y0 + 2)  # 4 m2: too small
+    write_row_groups(src, tmp_path / "src.parquet", 10)
+    raw = yaml.safe_load((ROOT / "configs/shanghai.yaml").read_text(encoding="utf-8"))
+    raw["paths"] = {"processed_dir": str(tmp_path / "processed"),
+                    "outputs_dir": str(tmp_path / "out")}
+    raw["districts"] = {"path": str(BAD / "districts.geojson"), "layer": None,
+                        "name_field": "district_name", "code_field": "district_adcode",
+                        "crs_if_missing": None}
+    raw["sources"] = [{"name": "t", "kind": "vector", "path": str(tmp_path / "src.parquet"),
+                       "id_field": "fid", "columns": {"tag_building": "building"}}]
+    raw["targets"] = [{"id": "jia", "district_name": districts["district_name"].iloc[0],
+                       "required_mw": 1.0, "period": "2025", "source": "test"}]
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return load_config(cfg), tmp_path
+
+
+def test_chunked_ingest_accounts_for_every_row_and_sorts_spatially(chunked_source):
+    cfg, tmp = chunked_source
+    with scheduler_context("threads", n_workers=2, rows_per_partition=10):
+        acc = ingest.run(cfg, tmp)
+    assert acc["t"]["read"] == 25 and acc["t"]["kept"] == 23 and acc["t"]["rejected"] == 2
+    kept = gpd.read_parquet(tmp / "processed/ingest_buildings.parquet")
+    rejected = gpd.read_parquet(tmp / "processed/ingest_rejected.parquet")
+    assert sorted(rejected["source_id"]) == ["24", "3"]
+    dup = rejected.set_index("source_id").loc["24"]
+    assert dup["reason"].startswith("duplicate of t:0")
+    assert json.loads(dup["original_attributes"]) == {"fid": 24, "building": "yes"}
+    assert "min_footprint_area_m2" in rejected.set_index("source_id").loc["3", "reason"]
+    assert set(kept["building_id"]) == {f"t:{i}" for i in range(24) if i != 3}
+    # one row group per partition, rows along the Hilbert curve
+    assert pq.ParquetFile(tmp / "processed/ingest_buildings.parquet").metadata.num_row_groups == 3
+    districts = ingest.load_districts(cfg.districts, cfg.working_crs, tmp)
+    keys = spatial_keys(kept.geometry.to_numpy(), tuple(districts.total_bounds))
+    assert (np.diff(keys) >= 0).all()
+
+
+def test_chunked_ingest_equals_a_single_chunk(chunked_source):
+    cfg, tmp = chunked_source
+    outs = []
+    for size in (7, 1000):
+        with scheduler_context("synchronous", rows_per_partition=size):
+            ingest.run(cfg, tmp)
+        frame = read_partition(tmp / "processed/ingest_buildings.parquet",
+                               range(pq.ParquetFile(tmp / "processed/ingest_buildings.parquet")
+                                     .metadata.num_row_groups))
+        outs.append(frame.sort_values("building_id").reset_index(drop=True))
+    # all-null text columns read back as NaN (str) from several row groups, None from one
+    plain = [pd.DataFrame(o.drop(columns="geometry")).astype(object) for o in outs]
+    plain = [p.where(p.notna(), None) for p in plain]
+    pd.testing.assert_frame_equal(plain[0], plain[1])
+    assert outs[0].geom_equals_exact(outs[1].geometry, 0).all()
+
+
+@pytest.mark.slow
+def test_map_file_on_a_local_cluster_equals_threads(tmp_path):
+    gdf = buildings(60)
+    write_row_groups(gdf, tmp_path / "in.parquet", 15)
+    out = {}
+    for sched in ("threads", "local-cluster"):
+        with scheduler_context(sched, n_workers=2, rows_per_partition=15):
+            map_file(tmp_path / "in.parquet", tmp_path / f"{sched}.parquet", doubled_area)
+        out[sched] = gpd.read_parquet(tmp_path / f"{sched}.parquet")
+    pd.testing.assert_frame_equal(out["threads"], out["local-cluster"])
