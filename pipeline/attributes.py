@@ -43,6 +43,8 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
+from pipeline.columns import map_unique
+
 #: separator of the notes of one row in ``attribute_issues``
 NOTE_SEPARATOR = "; "
 
@@ -185,7 +187,8 @@ def parse_numbers(values: pd.Series, kind: str, column: str) -> tuple[np.ndarray
     notes = np.full(n, None, dtype=object)
     arr = values.to_numpy(dtype=object)
     numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    is_text = np.array([isinstance(v, str) for v in arr], dtype=bool)
+    is_text = (np.zeros(len(arr), dtype=bool) if pd.api.types.is_numeric_dtype(values)
+               else np.array([isinstance(v, str) for v in arr], dtype=bool))
     plain = ~is_text
     numbers[plain] = numeric[plain]
     odd = plain & np.isnan(numeric) & ~pd.isna(values).to_numpy()
@@ -234,15 +237,10 @@ def clean_text(values: pd.Series, repair: str, column: str) -> tuple[pd.Series, 
     notes : ndarray
         object array of ``"<column>: <note>"`` or None.
     """
-    arr = values.to_numpy(dtype=object)
-    out = np.full(len(arr), pd.NA, dtype=object)
-    notes = np.full(len(arr), None, dtype=object)
-    for i, v in enumerate(arr):
-        if _is_missing(v):
-            continue
+    def one(v: object) -> tuple[object, str | None]:
         s = str(v).strip()
         if not s:
-            continue
+            return pd.NA, None
         if repair == "gbk_read_as_latin1":
             try:
                 s = s.encode("latin-1").decode("gbk")
@@ -261,16 +259,21 @@ def clean_text(values: pd.Series, repair: str, column: str) -> tuple[pd.Series, 
                     except UnicodeDecodeError:
                         continue
                 else:
-                    notes[i] = f"{column}: bytes are neither UTF-8 nor GBK: set to null"
-                    continue
+                    return pd.NA, f"{column}: bytes are neither UTF-8 nor GBK: set to null"
         if "\ufffd" in s:
-            notes[i] = (f"{column}: undecodable text (replacement characters) set to null; "
-                        "set sources[].encoding to the file's encoding")
-            continue
+            return pd.NA, (f"{column}: undecodable text (replacement characters) set to null; "
+                           "set sources[].encoding to the file's encoding")
         if repair == "none" and (hidden := _mis_read(s)) is not None:
-            notes[i] = (f"{column}: {s!r} looks like {hidden!r} read with the wrong encoding; "
-                        "set sources[].text_repair")
-        out[i] = s
+            return s, (f"{column}: {s!r} looks like {hidden!r} read with the wrong encoding; "
+                       "set sources[].text_repair")
+        return s, None
+
+    # once per distinct value: a text column holds few distinct values
+    pairs = map_unique(values, one, null=(pd.NA, None))
+    out = np.empty(len(pairs), dtype=object)
+    notes = np.empty(len(pairs), dtype=object)
+    if len(pairs):
+        out[:], notes[:] = zip(*pairs, strict=True)
     return pd.Series(out, index=values.index, dtype="object"), notes
 
 
@@ -291,13 +294,12 @@ def join_notes(*notes: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=object)
     n = len(notes[0])
     out = np.full(n, None, dtype=object)
-    stacked = [a for a in notes if any(x is not None for x in a)]
+    masks = [~pd.isna(np.asarray(a, dtype=object)) for a in notes]
+    stacked = [(a, m) for a, m in zip(notes, masks, strict=True) if m.any()]
     if not stacked:
         return out
-    for i in range(n):
-        parts = [a[i] for a in stacked if a[i] is not None]
-        if parts:
-            out[i] = NOTE_SEPARATOR.join(parts)
+    for i in np.flatnonzero(np.logical_or.reduce([m for _, m in stacked])):
+        out[i] = NOTE_SEPARATOR.join(a[i] for a, m in stacked if m[i])
     return out
 
 
@@ -334,7 +336,7 @@ def check_attribute_ranges(part: pd.DataFrame, max_height_attr_m: float,
     out["height_attr_m"] = np.where(bad_h, np.nan, h)
     out["levels_attr"] = np.where(bad_l, np.nan, lv)
     prev = out["attribute_issues"].to_numpy(dtype=object)
-    prev = np.array([None if _is_missing(v) else v for v in prev], dtype=object)
+    prev = np.where(pd.isna(prev), None, prev)
     out["attribute_issues"] = pd.Series(join_notes(prev, h_note, l_note), index=out.index,
                                         dtype="object")
     return out

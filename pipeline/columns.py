@@ -42,20 +42,21 @@ def map_unique(values: pd.Series | np.ndarray, func: Callable[[Any], Any],
     series = series.reset_index(drop=True)
     n = len(series)
     out = np.empty(n, dtype=object)
-    out[:] = [null] * n if n else []
+    out.fill(null)  # fill() stores a tuple as one element; slice assignment would unpack it
     if n == 0:
         return out
     if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) not in (
         "string", "empty"
     ):
         # mixed Python objects: 1, 1.0 and True hash alike, so no factorising
-        notna = series.notna().to_numpy()
-        out[notna] = [func(v) for v in series[notna]]
+        for pos in np.flatnonzero(series.notna().to_numpy()):
+            out[pos] = func(series.iloc[pos])
         return out
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     if len(uniques):
         mapped = np.empty(len(uniques), dtype=object)
-        mapped[:] = [func(v) for v in pd.Series(uniques, dtype=series.dtype)]
+        for k, v in enumerate(pd.Series(uniques, dtype=series.dtype)):
+            mapped[k] = func(v)
         has = codes >= 0
         out[has] = mapped[codes[has]]
     return out
