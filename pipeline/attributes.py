@@ -268,12 +268,19 @@ def clean_text(values: pd.Series, repair: str, column: str) -> tuple[pd.Series, 
                        "set sources[].text_repair")
         return s, None
 
-    # once per distinct value: a text column holds few distinct values
-    pairs = map_unique(values, one, null=(pd.NA, None))
-    out = np.empty(len(pairs), dtype=object)
-    notes = np.empty(len(pairs), dtype=object)
-    if len(pairs):
-        out[:], notes[:] = zip(*pairs, strict=True)
+    # once per distinct value (a text column holds few), then gathered by position
+    texts: list[object] = []
+    notes_u: list[str | None] = []
+
+    def position(v: object) -> int:
+        text, note = one(v)
+        texts.append(text)
+        notes_u.append(note)
+        return len(texts) - 1
+
+    pos = map_unique(values, position, null=-1).astype(np.int64)
+    out = np.array([*texts, pd.NA], dtype=object)[pos]  # -1: the null at the end
+    notes = np.array([*notes_u, None], dtype=object)[pos]
     return pd.Series(out, index=values.index, dtype="object"), notes
 
 

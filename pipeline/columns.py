@@ -67,6 +67,24 @@ def _json_value(value: Any) -> str:
     return json.dumps(scalar, ensure_ascii=False, default=str)
 
 
+def _json_strings(values: pd.Series, key: str) -> np.ndarray:
+    """``key + json.dumps(value)`` for a text column, vectorised where nothing needs escaping.
+
+    With ``ensure_ascii=False`` JSON escapes only quotes, backslashes and
+    control characters; other strings are just quoted (ids are unique, so
+    one ``json.dumps`` per distinct value would be one per row).
+    """
+    text = values.astype("str")
+    nulls = text.isna().to_numpy()
+    plain = ~text.str.contains(r'["\\\x00-\x1f]', regex=True).fillna(False).to_numpy(bool)
+    out = np.full(len(text), None, dtype=object)
+    quick = plain & ~nulls
+    out[quick] = (key + '"' + text[quick] + '"').to_numpy(dtype=object)
+    for i in np.flatnonzero(~plain & ~nulls):
+        out[i] = key + json.dumps(text.iloc[i], ensure_ascii=False)
+    return out
+
+
 def records_json(frame: pd.DataFrame) -> np.ndarray:
     """Each row's non-null attributes as a JSON object, in column order.
 
@@ -86,7 +104,12 @@ def records_json(frame: pd.DataFrame) -> np.ndarray:
     body = np.full(n, "", dtype=object)
     for pos, column in enumerate(frame.columns):
         key = json.dumps(str(column), ensure_ascii=False) + ": "
-        encoded = map_unique(frame.iloc[:, pos], lambda v, k=key: k + _json_value(v))
+        values = frame.iloc[:, pos]
+        if pd.api.types.is_string_dtype(values) and pd.api.types.infer_dtype(
+                values, skipna=True) in ("string", "empty"):
+            encoded = _json_strings(values.reset_index(drop=True), key)
+        else:
+            encoded = map_unique(values, lambda v, k=key: k + _json_value(v))
         has = ~pd.isna(encoded)
         first = has & (body == "")
         later = has & ~first
