@@ -870,9 +870,9 @@ def _area_candidates(
     buildings: gpd.GeoDataFrame, areas: gpd.GeoDataFrame, rules: ClassificationRules
 ) -> list[list[tuple[str, str]]]:
     """Per building (positional) typed containing areas, smallest first."""
-    out: list[list[tuple[str, str]]] = [[] for _ in range(len(buildings))]
     if len(buildings) == 0 or len(areas) == 0:
-        return out
+        return [()] * len(buildings)  # no evidence: one shared empty (immutable) entry
+    out: list[list[tuple[str, str]]] = [[] for _ in range(len(buildings))]
     typed = _area_types(areas, rules)
     if typed.empty:
         return out
@@ -906,9 +906,9 @@ def _poi_candidates(
     buildings: gpd.GeoDataFrame, pois: gpd.GeoDataFrame, rules: ClassificationRules
 ) -> list[list[tuple[str, str]]]:
     """Per building (positional) POI evidence: winner first, then the others."""
-    out: list[list[tuple[str, str]]] = [[] for _ in range(len(buildings))]
     if len(buildings) == 0 or len(pois) == 0:
-        return out
+        return [()] * len(buildings)  # no evidence: one shared empty (immutable) entry
+    out: list[list[tuple[str, str]]] = [[] for _ in range(len(buildings))]
     typed = _poi_types(pois, rules)
     if typed.empty:
         return out
