@@ -7,12 +7,11 @@ import json
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
 import yaml
-from shapely.geometry import MultiPolygon, box
+from shapely.geometry import box
 
 from pipeline import ingest
 from pipeline.columns import map_unique, records_json
@@ -21,7 +20,6 @@ from pipeline.parallel import scheduler_context
 from pipeline.stream import (
     map_file,
     partitions,
-    polygons_to_multi_wkb,
     read_partition,
     spatial_keys,
     to_arrow,
@@ -107,14 +105,6 @@ def test_map_file_equals_the_kernel_on_the_whole_frame(tmp_path, scheduler):
     assert kept["area_x2_m2"].tolist() == expected["area_x2_m2"].tolist()
     assert got.geom_equals_exact(gdf.geometry, 0).all()
     assert list(got["building_id"]) == list(gdf["building_id"])
-
-
-def test_polygons_become_one_part_multipolygons_without_decoding():
-    geoms = [box(0, 0, 1, 2), MultiPolygon([box(0, 0, 1, 1), box(3, 3, 4, 4)]), None]
-    wkb = pa.array(shapely.to_wkb(geoms), type=pa.binary())
-    out = shapely.from_wkb(polygons_to_multi_wkb(wkb).to_numpy(zero_copy_only=False))
-    assert out[0].geom_type == "MultiPolygon" and out[0].equals(box(0, 0, 1, 2))
-    assert out[1].equals(geoms[1]) and out[2] is None
 
 
 def test_spatial_keys_are_comparable_across_chunks():
