@@ -22,6 +22,7 @@ from pipeline.classify import BUILDING_TYPES, ClassifyConfig
 from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.pvyield import YieldConfig
+from pipeline.runs import RunsConfig
 from pipeline.weather import WeatherConfig
 
 BuildingType = Literal[
@@ -197,6 +198,7 @@ class PipelineConfig(_Model):
     policy: PolicyConfig
     targets: list[TargetConfig]
     report: ReportConfig
+    runs: RunsConfig = RunsConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

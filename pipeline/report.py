@@ -45,9 +45,11 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from pipeline import changes
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
+from pipeline.runs import check_geopackage
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +295,7 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
                     frame["geometry"] = _to_multi(frame.geometry)
                 kwargs["promote_to_multi"] = False
             pyogrio.write_dataframe(frame, tmp, **kwargs)
+        check_geopackage(tmp)  # PRAGMA integrity_check before it replaces the old one
 
 
 def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
@@ -343,9 +346,11 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         "district_types": by_type,
         "rejected": rejected,
     }
+    change_layers, change_md = changes.report_changes(cfg, buildings, dlayer)
+    layers.update(change_layers)
     write_geopackage(outdir / "rooftop_pv.gpkg", layers)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
-                         base_dir)
+                         base_dir) + "\n" + change_md
     with atomic_path(outdir / "report.md") as tmp:
         tmp.write_text(md, encoding="utf-8")
     log.info("report: %d buildings, %d districts, %d targets, %d rejected in %.1f s",
