@@ -16,6 +16,8 @@ OUT := outputs
 EPW := $(RAW)/weather/CHN_Shanghai.Shanghai.583670_IWEC.epw
 SAMPLE_STAMP := $(RAW)/shanghai/.complete
 RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+# new building files in the drop folder (and the folder, whose mtime changes when one is removed)
+DROP_FILES = $(wildcard $(RAW)/drop $(RAW)/drop/*)
 COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
 
 .PHONY: all install data ingest classify roof yield report test lint clean distclean
@@ -44,7 +46,7 @@ $(EPW): | $(VENV)/.installed
 ingest: $(PROC)/ingest_buildings.parquet
 $(PROC)/ingest_buildings.parquet $(PROC)/ingest_areas.parquet $(PROC)/ingest_pois.parquet \
 $(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
-		$(SAMPLE_STAMP) pipeline/ingest.py $(COMMON)
+		$(SAMPLE_STAMP) $(DROP_FILES) pipeline/ingest.py $(COMMON)
 	$(RUN) --stage ingest
 
 classify: $(PROC)/classify_buildings.parquet
@@ -64,7 +66,7 @@ $(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/roof_buildi
 
 report: $(OUT)/rooftop_pv.gpkg
 $(OUT)/rooftop_pv.gpkg $(OUT)/report.md &: $(PROC)/yield_buildings.parquet \
-		$(PROC)/ingest_rejected.parquet pipeline/report.py $(COMMON)
+		$(PROC)/ingest_rejected.parquet pipeline/report.py pipeline/changes.py $(COMMON)
 	$(RUN) --stage report
 
 # ---- checks
