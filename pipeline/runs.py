@@ -536,7 +536,7 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def output_runs(runs_dir: Path) -> list[Path]:
@@ -704,6 +704,9 @@ class RunRecord:
             stage, stage_key(self.cfg, stage, self.base_dir, self.config_path))
         _, outputs, _ = stage_io(self.cfg, stage, self.base_dir, self.config_path)
         rows_in, rows_out, extra = stage_counts(stage, result)
+        if stage == "report" and rows_in is None:
+            rows_in, rows_out = _report_counts(inputs_dir=self.processed_dir,
+                                               gpkg=self.outputs_dir / "rooftop_pv.gpkg")
         entry = {"status": "ran", "key": key, "duration_s": round(duration_s, 3),
                  "rows_in": rows_in, "rows_out": rows_out, **extra,
                  "inputs": inputs,
@@ -780,6 +783,19 @@ def stage_counts(stage: str, result: Any) -> tuple[int | None, int | None, dict]
     rows_in, rows_out = result.get("rows_in"), result.get("rows_out")
     return (int(rows_in) if rows_in is not None else None,
             int(rows_out) if rows_out is not None else None, {})
+
+
+def _report_counts(inputs_dir: Path, gpkg: Path) -> tuple[int | None, int | None]:
+    """Buildings into the report stage and in the GeoPackage's ``buildings`` layer."""
+    import pyarrow.parquet as pq
+    import pyogrio
+
+    try:
+        rows_in = pq.read_metadata(inputs_dir / "yield_buildings.parquet").num_rows
+        rows_out = int(pyogrio.read_info(gpkg, layer="buildings")["features"])
+    except (OSError, ValueError, pyogrio.errors.DataSourceError):
+        return None, None
+    return rows_in, rows_out
 
 
 _CURRENT: list[RunRecord] = []

@@ -362,6 +362,18 @@ def test_sigkill_while_writing_leaves_previous_geopackage(tiny, tmp_path):
     assert not tmp_gpkg.exists()
     runs.check_geopackage(gpkg)
     assert manifests(base)[-1]["status"] == "ok"
+    assert manifests(base)[-1]["stages"]["report"]["rows_out"] == 8
+
+    # a run that fails (a drop file without the mapped field) changes nothing published
+    after = runs.sha256_file(gpkg)
+    drop = base / "data/raw/drop"
+    drop.mkdir(parents=True)
+    roofs(["x1"], X0 + 2100, Y0 + 900).drop(columns="building").to_file(drop / "bad.gpkg")
+    assert run_cli(base, config) == 2
+    assert runs.sha256_file(gpkg) == after
+    failed = manifests(base)[-1]
+    assert failed["status"] == "failed" and "building" in failed["error"]
+    assert "bad.gpkg" in failed["error"]
 
 
 @pytest.mark.slow
