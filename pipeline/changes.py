@@ -403,5 +403,5 @@ def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.
                         "verdicts_flipped": deltas.loc[deltas["verdict_flipped"],
                                                        "district_name"].tolist()}
     log.info("changes since %s: %s", prev_id or "no previous run",
-             dict(changes["change"].value_counts()) or "none")
+             {k: int(v) for k, v in changes["change"].value_counts().items()} or "none")
     return layers, markdown(changes, deltas, prev_id, run_id)

@@ -71,8 +71,7 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
         log.info("run %s: log in %s", run.run_id, run.open_log())
         results["run_id"] = run.run_id
         for stage in stages:
-            if if_changed and run.up_to_date(stage):
-                run.stage_skipped(stage)
+            if run.skip(stage, if_changed):
                 continue
             t0 = time.perf_counter()
             log.info("stage %s: start", stage)

@@ -19,7 +19,7 @@ Each run
    out per stage, durations, kernel partitions computed and reused, host)
    and a log file ``run.log`` beside it;
 6. keeps the outputs of the last ``runs.keep_runs`` runs that wrote them
-   (hard links of ``rooftop_pv.gpkg`` and ``report.md``, and the snapshot the
+   (copies of ``rooftop_pv.gpkg`` and ``report.md``, and the snapshot the
    next run's change report compares against) and deletes older run folders.
 
 Exit codes of ``rooftop-pv run``: :data:`EXIT_OK` (done, or nothing to do),
@@ -68,7 +68,7 @@ RUNS_DIR = "runs"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = "cache"
 HISTORY = "history.log"
-#: Files a run keeps in its run folder (hard links to the outputs it wrote).
+#: Files a run keeps in its run folder (copies of the outputs it wrote).
 KEPT_OUTPUTS = ("rooftop_pv.gpkg", "report.md")
 SNAPSHOT_BUILDINGS = "snapshot_buildings.parquet"
 SNAPSHOT_DISTRICTS = "snapshot_districts.parquet"
@@ -682,6 +682,20 @@ class RunRecord:
             self._handler = None
 
     # -- stages
+    def skip(self, stage: str, if_changed: bool) -> bool:
+        """Whether to skip ``stage``; records the skip. Call just before the stage.
+
+        The stage key is taken here, from the inputs as they are when the
+        stage starts: a file that changes while the stage reads it makes the
+        next run redo the stage.
+        """
+        self.keys.pop(stage, None)
+        self.key(stage)
+        if if_changed and self.up_to_date(stage):
+            self.stage_skipped(stage)
+            return True
+        return False
+
     def stage_skipped(self, stage: str) -> None:
         """Record a stage skipped because its outputs are up to date."""
         stamp = read_stamp(self.cfg, stage, self.base_dir) or {}
@@ -694,14 +708,9 @@ class RunRecord:
 
     def stage_done(self, stage: str, result: Any, duration_s: float,
                    partitions: dict | None = None) -> None:
-        """Record a stage that ran and stamp its outputs with the stage key.
-
-        The key is recomputed after the stage: inputs are read during the
-        stage, so the stamp describes exactly what it read.
-        """
-        self.keys.pop(stage, None)
-        key, inputs = self.keys.setdefault(
-            stage, stage_key(self.cfg, stage, self.base_dir, self.config_path))
+        """Record a stage that ran and stamp its outputs with its key (see :meth:`skip`)."""
+        self.key(stage)
+        key, inputs = self.keys[stage]
         _, outputs, _ = stage_io(self.cfg, stage, self.base_dir, self.config_path)
         rows_in, rows_out, extra = stage_counts(stage, result)
         if stage == "report" and rows_in is None:
@@ -723,18 +732,20 @@ class RunRecord:
 
     # -- finish
     def keep_outputs(self) -> None:
-        """Hard-link the published outputs into the run folder (copy if no links)."""
+        """Copy the published outputs into the run folder.
+
+        Copies, not hard links: a planner who opens the published GeoPackage
+        read-write (QGIS does) must not change the kept one.
+        """
+        from pipeline.io import atomic_path
+
         for name in KEPT_OUTPUTS:
             src = self.outputs_dir / name
             if not src.is_file():
                 continue
-            dst = self.dir / name
-            dst.unlink(missing_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-            self.manifest["outputs"][name] = sha256_file(dst)
+            with atomic_path(self.dir / name) as tmp:
+                shutil.copy2(src, tmp)
+            self.manifest["outputs"][name] = sha256_file(self.dir / name)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Write the manifest; after a successful run with outputs, prune old runs."""
