@@ -20,7 +20,7 @@ RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(S
 DROP_FILES = $(wildcard $(RAW)/drop $(RAW)/drop/*)
 COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
 
-.PHONY: all install data ingest classify roof yield report test lint clean distclean
+.PHONY: all install data ingest classify roof shading yield report test lint clean distclean
 
 all: $(OUT)/rooftop_pv.gpkg $(OUT)/report.md
 
@@ -46,7 +46,8 @@ $(EPW): | $(VENV)/.installed
 ingest: $(PROC)/ingest_buildings.parquet
 $(PROC)/ingest_buildings.parquet $(PROC)/ingest_areas.parquet $(PROC)/ingest_pois.parquet \
 $(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
-		$(SAMPLE_STAMP) $(DROP_FILES) pipeline/ingest.py $(COMMON)
+		$(SAMPLE_STAMP) $(DROP_FILES) pipeline/ingest.py pipeline/attributes.py \
+		pipeline/coords.py pipeline/dedup.py $(COMMON)
 	$(RUN) --stage ingest
 
 classify: $(PROC)/classify_buildings.parquet
@@ -56,17 +57,24 @@ $(PROC)/classify_buildings.parquet $(PROC)/classify_evaluation.md &: \
 	$(RUN) --stage classify
 
 roof: $(PROC)/roof_buildings.parquet
-$(PROC)/roof_buildings.parquet: $(PROC)/classify_buildings.parquet pipeline/roof.py $(COMMON)
+$(PROC)/roof_buildings.parquet: $(PROC)/classify_buildings.parquet pipeline/roof.py \
+		pipeline/heights.py $(SAMPLE_STAMP) $(COMMON)
 	$(RUN) --stage roof
 
+shading: $(PROC)/shading_buildings.parquet
+$(PROC)/shading_buildings.parquet: $(PROC)/roof_buildings.parquet $(EPW) pipeline/shading.py \
+		pipeline/pvyield.py pipeline/weather.py $(COMMON)
+	$(RUN) --stage shading
+
 yield: $(PROC)/yield_buildings.parquet
-$(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/roof_buildings.parquet \
-		$(EPW) pipeline/pvyield.py pipeline/weather.py $(COMMON)
+$(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/shading_buildings.parquet \
+		$(EPW) pipeline/pvyield.py pipeline/planes.py pipeline/weather.py $(COMMON)
 	$(RUN) --stage yield
 
 report: $(OUT)/rooftop_pv.gpkg
 $(OUT)/rooftop_pv.gpkg $(OUT)/report.md &: $(PROC)/yield_buildings.parquet \
-		$(PROC)/ingest_rejected.parquet pipeline/report.py pipeline/changes.py $(COMMON)
+		$(PROC)/ingest_rejected.parquet pipeline/report.py pipeline/roof_report.py \
+		pipeline/changes.py $(COMMON)
 	$(RUN) --stage report
 
 # ---- checks

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.runs import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, LockError
 
-STAGES = ("ingest", "classify", "roof", "yield", "report")
+STAGES = ("ingest", "classify", "roof", "shading", "yield", "report")
 log = logging.getLogger("pipeline")
 
 
@@ -52,7 +52,17 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
     dict
         Each stage's returned statistics, and ``run_id``.
     """
-    from pipeline import classify, classify_eval, incremental, ingest, pvyield, report, roof, runs
+    from pipeline import (
+        classify,
+        classify_eval,
+        incremental,
+        ingest,
+        pvyield,
+        report,
+        roof,
+        runs,
+        shading,
+    )
     from pipeline.config import load_config
     from pipeline.parallel import scheduler_context
 
@@ -90,9 +100,11 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
                     proc / "classify_evaluation.md")
             elif stage == "roof":
                 results[stage] = roof.run(cfg, base_dir)
+            elif stage == "shading":
+                results[stage] = shading.run(cfg, base_dir)
             elif stage == "yield":
                 results[stage] = pvyield.run(
-                    cfg.weather, cfg.yield_, proc / "roof_buildings.parquet",
+                    cfg.weather, cfg.yield_, proc / "shading_buildings.parquet",
                     proc / "yield_buildings.parquet", proc / "yield_classes.csv", base_dir)
             elif stage == "report":
                 results[stage] = report.run(cfg, base_dir, config_path)

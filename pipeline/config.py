@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.classify import BUILDING_TYPES, ClassifyConfig
 from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
+from pipeline.heights import HeightsConfig
 from pipeline.pvyield import YieldConfig
 from pipeline.runs import RunsConfig
+from pipeline.shading import ShadingConfig
 from pipeline.weather import WeatherConfig
 
 BuildingType = Literal[
@@ -81,8 +83,9 @@ class SourceConfig(_Model):
     path: Path
     layer: str | None = None
     encoding: str | None = None
-    text_repair: Literal["none", "gbk_read_as_latin1"] = "none"
+    text_repair: Literal["none", "gbk_read_as_latin1", "utf8_or_gbk_read_as_latin1"] = "none"
     crs_if_missing: str | None = None
+    gcj02_to_wgs84: bool = False
     id_field: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
     building_filter: Literal["all", "tag_building_not_null"] = "all"
@@ -107,28 +110,54 @@ class IngestConfig(_Model):
 
     min_footprint_area_m2: float = Field(ge=0)
     max_footprint_area_m2: float = Field(gt=0)
+    max_height_attr_m: float = Field(gt=0)
+    max_levels_attr: float = Field(gt=0)
+    dedup_min_overlap_share: float = Field(gt=0, le=1)
+    dedup_min_area_ratio: float = Field(ge=0, le=1)
+    crs_check_margin_m: float = Field(ge=0)
+    gcj02_detect_min_matches: int = Field(ge=1)
+    gcj02_detect_gain: float = Field(gt=1)
+
+
+class RoofKindRule(_Model):
+    """A rule that sets the roof kind where no tag says it (first match wins).
+
+    ``None`` bounds and ``building_types`` match everything.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    roof_kind: Literal["flat", "pitched"]
+    building_types: list[BuildingType] | None = None
+    min_footprint_area_m2: float | None = Field(default=None, ge=0)
+    max_footprint_area_m2: float | None = Field(default=None, gt=0)
+    min_height_m: float | None = Field(default=None, ge=0)
+    max_height_m: float | None = Field(default=None, gt=0)
 
 
 class RoofConfig(_Model):
-    """Usable roof area and installable capacity assumptions."""
+    """Roof kind, usable roof area, layout and installable capacity assumptions."""
 
     module_power_density_w_per_m2: float = Field(gt=0, le=400)
-    setback_flat_m: float = Field(ge=0)
-    setback_pitched_m: float = Field(ge=0)
+    setback_flat_m_by_min_height_m: dict[float, float]
+    setback_pitched_m_by_min_height_m: dict[float, float]
     utilisation_flat_by_type: dict[str, float]
     utilisation_pitched_by_type: dict[str, float]
     min_array_area_m2: float = Field(ge=0)
+    min_array_width_m: float = Field(ge=0)
     flat_tilt_deg: float = Field(ge=0, le=60)
     flat_azimuth_deg: float = Field(ge=0, lt=360)
-    flat_gcr: float = Field(gt=0, le=1)
-    pitched_tilt_deg: float = Field(ge=0, le=70)
-    pitched_azimuth_deg: float = Field(ge=0, lt=360)
+    flat_row_rule_declination_deg: float = Field(ge=-23.5, le=23.5)
+    flat_row_rule_start_solar_h: float = Field(ge=6, lt=12)
+    flat_row_rule_end_solar_h: float = Field(gt=12, le=18)
+    pitched_tilt_deg: float = Field(gt=0, le=70)
     pitched_gcr: float = Field(gt=0, le=1)
+    pitched_min_azimuth_from_north_deg: float = Field(ge=0, le=90)
     roof_kind_default: Literal["flat", "pitched"] = "flat"
     roof_kind_by_roof_shape: dict[str, Literal["flat", "pitched"]] = Field(default_factory=dict)
     roof_kind_by_tag_building: dict[str, Literal["flat", "pitched"]] = Field(
         default_factory=dict
     )
+    roof_kind_rules: list[RoofKindRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_shares(self) -> RoofConfig:
@@ -141,6 +170,12 @@ class RoofConfig(_Model):
                     raise ValueError(f"roof.{key}: unknown building type {btype!r}")
                 if not 0 <= share <= 1:
                     raise ValueError(f"roof.{key}.{btype} = {share} is not a share in [0, 1]")
+        for key in ("setback_flat_m_by_min_height_m", "setback_pitched_m_by_min_height_m"):
+            table = getattr(self, key)
+            if 0.0 not in table:
+                raise ValueError(f"roof.{key} needs an entry for height 0 (all buildings)")
+            if any(v < 0 for v in table.values()) or any(k < 0 for k in table):
+                raise ValueError(f"roof.{key}: heights and setbacks must be >= 0")
         return self
 
 
@@ -192,7 +227,9 @@ class PipelineConfig(_Model):
     sources: list[SourceConfig] = Field(min_length=1)
     ingest: IngestConfig
     classify: ClassifyConfig
+    heights: HeightsConfig
     roof: RoofConfig
+    shading: ShadingConfig
     weather: WeatherConfig
     yield_: YieldConfig = Field(alias="yield")
     policy: PolicyConfig

@@ -57,10 +57,15 @@ GLOSSARY: dict[str, str] = {
     "addr_street": "street of the address",
     "height_attr_m": "height from the source attributes [m]",
     "levels_attr": "number of storeys from the source attributes [-]",
+    "attribute_issues": "how doubtful source attributes were read ('5;6' -> 6) or why they "
+    "were set to null (unparseable, out of range, undecodable text)",
+    "geometry_repaired": "True where the footprint was repaired (make_valid, or Z "
+    "coordinates dropped)",
     # geometry measures
     "footprint_area_m2": "footprint area in the metric working CRS [m2]",
     "height_m": "building height used by the roof stage [m]",
-    "height_source": "where height_m came from (attribute, levels, raster, default)",
+    "height_source": "where height_m came from (raster, attribute, levels, default)",
+    "raster_height_m": "median of the height rasters within the footprint (NaN: none) [m]",
     # classification
     "building_type": "government, school, factory, hospital, other_public, commercial, "
     "residential, other or unknown",
@@ -69,13 +74,22 @@ GLOSSARY: dict[str, str] = {
     "type_confidence": "high, medium or low",
     # roof
     "roof_kind": "flat or pitched",
-    "roof_kind_source": "where roof_kind came from (tag, rule)",
+    "roof_kind_source": "where roof_kind came from (tag_roof_shape, tag_building, "
+    "rule:<name>, default)",
+    "setback_m": "edge setback applied, by roof kind and height band [m]",
+    "utilisation_factor": "share of the set-back roof free of obstructions [-]",
     "setback_area_m2": "roof area left after the edge setback [m2]",
-    "usable_area_m2": "roof area that can carry PV arrays (after setback, utilisation "
-    "and minimum array area) [m2]",
-    "tilt_deg": "module tilt from horizontal [deg]",
-    "azimuth_deg": "module azimuth, clockwise from north (180 = south) [deg]",
-    "gcr": "ground coverage ratio: module area / usable roof area [-]",
+    "usable_area_m2": "roof area that can carry PV arrays (after setback, minimum width, "
+    "utilisation and minimum array area; pitched roofs: on the slope, both planes) [m2]",
+    "tilt_deg": "module tilt from horizontal (plane 1; plane 2 has the same) [deg]",
+    "azimuth_deg": "module azimuth of plane 1, clockwise from north (180 = south) [deg]",
+    "gcr": "ground coverage ratio: module area / usable roof area (flat: GB 50797 solstice "
+    "rule; pitched: packing factor) [-]",
+    "azimuth_2_deg": "azimuth of the second pitched plane (NaN: none) [deg]",
+    "usable_area_2_m2": "usable area of plane 2 (included in usable_area_m2) [m2]",
+    "capacity_2_kwp": "capacity on plane 2 (included in capacity_kwp) [kWp]",
+    "capacity_policy_2_kwp": "policy capacity on plane 2 (included in "
+    "capacity_policy_kwp) [kWp]",
     "module_area_m2": "module area on the roof = usable_area_m2 * gcr [m2]",
     "capacity_kwp": "installable DC capacity on the whole usable area [kWp]",
     "coverage_share": "policy share of roof area to carry PV for this building type [-]",
@@ -84,10 +98,18 @@ GLOSSARY: dict[str, str] = {
     "capacity_policy_kwp": "capacity at the policy coverage share [kWp]",
     "suitable": "whether the roof can carry PV at all",
     "unsuitable_reason": "why not, when suitable is false",
+    # shading
+    "horizon_max_deg": "highest horizon elevation of taller neighbours seen from the roof "
+    "[deg]",
+    "beam_loss_share": "share of plane 1's annual beam irradiation blocked by neighbours [-]",
+    "unshaded_share": "plane 1's annual irradiation with neighbours / without [-]",
+    "unshaded_share_2": "the same for plane 2 [-]",
     # yield
     "specific_yield_kwh_per_kwp": "annual AC energy per kWp of DC capacity [kWh/kWp]",
     "energy_mwh_per_year": "annual AC energy of capacity_kwp [MWh/yr]",
     "energy_policy_mwh_per_year": "annual AC energy of capacity_policy_kwp [MWh/yr]",
+    **{f"energy_m{m:02d}_mwh": f"AC energy of capacity_kwp in month {m} [MWh]"
+       for m in range(1, 13)},
     # changes since the previous run (pipeline/changes.py)
     "building_key": "identity across runs: building_id, or '<source>:geom:<hash>' of the "
     "footprint for sources without ids",

@@ -10,16 +10,25 @@ run), :func:`pipeline.parallel.map_partitions` hands every call to
    frame in a geographic CRS, before ingest reprojects them, form one
    partition);
 2. keys each partition by the sha256 of its rows' content (every column,
-   geometry as WKB; not the index), of the kernel's other arguments, of the
-   kernel's module source and of the package versions;
+   geometry as WKB; not the index), of the kernel's other arguments (frames
+   by content; a frame with a ``path`` column also by the content of those
+   files, e.g. the height rasters), of the package's code and of the package
+   versions;
 3. loads the partitions whose key it has stored and runs the kernel, through
    Dask as before, only on the rest, stores their results, and returns the
    rows in input order with the input index.
 
 Kernels are row-wise (a building's result depends on its own row and the
 broadcast arguments only; the serial = parallel tests check it), so a cached
-partition equals a recomputed one. New buildings in one district change that
-district's partitions only; the others are reused. Stored results are pickled
+partition equals a recomputed one. A kernel whose rows also depend on nearby
+rows of a broadcast table (shading: the neighbours within ``radius_m``)
+declares it with an attribute ``partition_context = (argument index,
+function)``; the function returns, for each partition, the table rows its
+result can depend on, and only those enter the partition's key, so a new
+building invalidates the partitions within its reach and no others. New
+buildings in one district change that district's partitions only (and, for
+shading, those within ``radius_m`` across a district border); the others are
+reused. Stored results are pickled
 frames (exact dtypes); after each kernel call, the partitions of that kernel
 not used in the call are deleted, so the cache holds one result per
 partition.
@@ -29,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import pickle
@@ -172,6 +180,12 @@ def argument_digest(value: Any) -> str:
     h = hashlib.sha256()
     if isinstance(value, pd.DataFrame):
         h.update(b"frame" + frame_digest(value).encode())
+        if "path" in value.columns:  # an index of files (height rasters): their content too
+            from pipeline.runs import sha256_file
+
+            for p in sorted({str(v) for v in value["path"].dropna()}):
+                if Path(p).is_file():
+                    h.update(sha256_file(Path(p)).encode())
     elif isinstance(value, pd.Series):
         h.update(b"series" + frame_digest(value.to_frame()).encode())
     elif isinstance(value, BaseModel):
@@ -192,13 +206,15 @@ def argument_digest(value: Any) -> str:
 
 
 def kernel_digest(kernel: Callable) -> str:
-    """sha256 of the kernel's name, its module's source and the package versions."""
-    from pipeline.runs import package_versions
+    """sha256 of the kernel's name, the package's code and the package versions.
+
+    The whole package's code, not only the kernel's module: kernels call
+    helpers in other modules.
+    """
+    from pipeline.runs import code_hash, package_versions
 
     h = hashlib.sha256(f"{kernel.__module__}.{kernel.__qualname__}".encode())
-    src = inspect.getsourcefile(kernel)
-    if src:
-        h.update(Path(src).read_bytes())
+    h.update(code_hash().encode())
     h.update(repr(sorted(package_versions().items())).encode())
     return h.hexdigest()
 
@@ -256,9 +272,12 @@ class PartitionCache:
         name = f"{kernel.__module__}.{kernel.__qualname__}"
         if name not in self._kernel_digests:
             self._kernel_digests[name] = kernel_digest(kernel)
+        context = getattr(kernel, "partition_context", None)
+        ctx_index = context[0] if context is not None else None
         call = hashlib.sha256(self._kernel_digests[name].encode())
-        for a in args:
-            call.update(argument_digest(a).encode())
+        for i, a in enumerate(args):
+            if i != ctx_index:
+                call.update(argument_digest(a).encode())
         for k in sorted(kwargs):
             call.update(k.encode() + argument_digest(kwargs[k]).encode())
         call_digest = call.hexdigest()
@@ -267,9 +286,16 @@ class PartitionCache:
         groups = pd.Series(np.arange(len(gdf))).groupby(keys, sort=True).indices
         hashes = row_hashes(gdf)
         head = (call_digest + _schema(gdf)).encode()
+        if context is not None:  # only the rows of the context table each partition can see
+            ctx = args[ctx_index]
+            seen = context[1](gdf, list(groups.values()), *args, **kwargs)
+            ctx_hashes, ctx_head = row_hashes(ctx), _schema(ctx).encode()
+            extra = [ctx_head + ctx_hashes[np.sort(rows)].tobytes() for rows in seen]
+        else:
+            extra = [b""] * len(groups)
         plan = []
-        for pkey, pos in groups.items():
-            digest = hashlib.sha256(head + hashes[pos].tobytes()).hexdigest()
+        for (pkey, pos), more in zip(groups.items(), extra, strict=True):
+            digest = hashlib.sha256(head + hashes[pos].tobytes() + more).hexdigest()
             plan.append((pkey, pos, kdir / _safe(pkey) / f"{digest[:32]}.pkl"))
         results: dict[str, pd.DataFrame] = {}
         layout: dict[str, Any] | None = None

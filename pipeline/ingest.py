@@ -7,6 +7,12 @@ repairs what ``make_valid`` can turn into a polygon, reprojects to the one
 metric working CRS and assigns each footprint to the district its centroid
 lies in. Every feature read is either kept or rejected with a reason.
 
+Defects handled here (README "When the data is bad"): attribute parsing and
+ranges (:mod:`pipeline.attributes`), a declared CRS that does not fit the
+coordinates and GCJ-02 sources (:mod:`pipeline.coords`), duplicates within
+and across sources (:mod:`pipeline.dedup`), targets for districts missing
+from the boundaries (:func:`check_target_districts`).
+
 Outputs (GeoParquet under ``paths.processed_dir``)
 
 =========================  =======  ==============================================
@@ -17,8 +23,11 @@ source, source_id          -        where the footprint came from
 district_name              -        district containing the centroid
 district_adcode            -        its administrative code
 name ... levels_attr       -        canonical attributes (see ``glossary``)
+attribute_issues           -        how doubtful attribute values were read or
+                                    why they were set to null (``attributes``)
 footprint_area_m2          m2       area in the working CRS
-geometry_repaired          -        True where ``make_valid`` repaired it
+geometry_repaired          -        True where ``make_valid`` repaired it or Z
+                                    coordinates were dropped
 geometry                   m        (Multi)Polygon in ``working_crs``
 =========================  =======  ==============================================
 
@@ -43,8 +52,11 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from pipeline.config import DistrictsConfig, PipelineConfig, SourceConfig
-from pipeline.errors import InputError
+from pipeline.attributes import check_attribute_ranges, clean_text, join_notes, parse_numbers
+from pipeline.config import DistrictsConfig, PipelineConfig, SourceConfig, TargetConfig
+from pipeline.coords import check_extent, convert_gcj02_frame, gcj02_evidence
+from pipeline.dedup import find_duplicates
+from pipeline.errors import ConfigError, InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.io import read_vector, write_parquet_atomic
 from pipeline.parallel import map_partitions
@@ -97,13 +109,20 @@ def read_source(src: SourceConfig, base_dir: Path) -> gpd.GeoDataFrame:
                 "to the CRS its coordinates are in (e.g. EPSG:4326)",
             )
         raw = raw.set_crs(src.crs_if_missing)
+    if src.gcj02_to_wgs84:
+        raw = convert_gcj02_frame(raw)
     return _canonical(raw, src, path)
 
 
 def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoDataFrame:
     """Map a source's fields to the canonical attribute columns."""
-    missing = sorted(v for v in src.columns.values() if v not in raw.columns)
-    if missing:
+    missing = sorted({*src.columns.values(), *([src.id_field] if src.id_field else [])}
+                     - set(raw.columns)) if len(raw) == 0 else sorted(
+        v for v in src.columns.values() if v not in raw.columns)
+    if missing and len(raw) == 0:
+        log.warning("ingest: source %s (%s) has no features", src.name, path)
+        raw = raw.assign(**{m: pd.Series(dtype=object) for m in missing})
+    elif missing:
         raise InputError(
             path, f"mapped field(s) {missing} not in the file (it has: "
             f"{sorted(c for c in raw.columns if c != 'geometry')[:40]})",
@@ -120,6 +139,7 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoD
         out["source_id"] = _id_text(raw[src.id_field].to_numpy())
     else:
         out["source_id"] = np.char.mod("%d", np.arange(len(raw)))
+    notes = []
     for col in ATTRIBUTE_COLUMNS:
         field = src.columns.get(col)
         if field is None:
@@ -127,9 +147,12 @@ def _canonical(raw: gpd.GeoDataFrame, src: SourceConfig, path: Path) -> gpd.GeoD
         else:
             values = pd.Series(raw[field].to_numpy(), index=out.index)
         if col in NUMERIC_ATTRIBUTES:
-            out[col] = pd.to_numeric(values, errors="coerce").astype("float64")
+            kind = "levels" if col == "levels_attr" else "height"
+            out[col], note = parse_numbers(values, kind, col)
         else:
-            out[col] = _text(values, src.text_repair)
+            out[col], note = clean_text(values, src.text_repair, col)
+        notes.append(note)
+    out["attribute_issues"] = pd.Series(join_notes(*notes), index=out.index, dtype="object")
     attr_cols = [c for c in raw.columns if c != raw.geometry.name]
     out["original_attributes"] = _records_json(raw[attr_cols])
     return gpd.GeoDataFrame(out, geometry=raw.geometry.to_numpy(), crs=raw.crs)
@@ -146,24 +169,6 @@ def _id_text(values: np.ndarray) -> list[str | None]:
         else:
             out.append(str(v))
     return out
-
-
-def _text(values: pd.Series, repair: str) -> pd.Series:
-    """Strings (or NA), with the configured mis-encoding repaired."""
-    def fix(v: object) -> object:
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-            return pd.NA
-        s = str(v).strip()
-        if not s:
-            return pd.NA
-        if repair == "gbk_read_as_latin1":
-            try:
-                return s.encode("latin-1").decode("gbk")
-            except (UnicodeEncodeError, UnicodeDecodeError):
-                return s  # already proper text
-        return s
-
-    return values.map(fix).astype("object")
 
 
 def _records_json(frame: pd.DataFrame) -> list[str]:
@@ -320,7 +325,8 @@ def normalise_footprints(
     -------
     GeoDataFrame
         ``part`` in ``working_crs`` with ``footprint_area_m2`` [m2],
-        ``geometry_repaired``, ``role`` (building, area, poi or rejected) and
+        ``geometry_repaired`` (``make_valid`` repaired it or Z was dropped),
+        ``role`` (building, area, poi or rejected) and
         ``reason`` (null for kept buildings).
     """
     out = part.copy()
@@ -330,6 +336,7 @@ def normalise_footprints(
     missing = shapely.is_missing(geom) | shapely.is_empty(geom)
     reason[missing] = "null or empty geometry"
     geom = np.where(missing, None, geom)
+    had_z = ~missing & shapely.has_z(geom)
     geom = shapely.force_2d(geom)
     gtype = np.array([g.geom_type if g is not None else "" for g in geom], dtype=object)
     is_point = np.isin(gtype, ("Point", "MultiPoint"))
@@ -339,7 +346,7 @@ def normalise_footprints(
     role[is_point] = "poi"
     polygonal = ~missing & np.isin(gtype, POLYGONAL)
     invalid = polygonal & ~shapely.is_valid(geom)
-    repaired = np.zeros(len(out), dtype=bool)
+    repaired = had_z.copy()  # 3D coordinates: Z dropped
     for i in np.flatnonzero(invalid):
         fixed = _polygonal_part(shapely.make_valid(geom[i]))
         if fixed is None:
@@ -357,7 +364,14 @@ def normalise_footprints(
     if out.crs is not None:
         series = series.to_crs(working_crs)
     out = out.set_geometry(series)
-    area = np.where(polygonal, shapely.area(series.array), np.nan)
+    with np.errstate(invalid="ignore"):
+        unprojectable = polygonal & ~np.isfinite(shapely.bounds(series.array)).all(axis=1)
+    reason[unprojectable] = (f"coordinates outside the valid range of the source CRS {part.crs} "
+                             "(cannot be projected to the working CRS)")
+    role[unprojectable] = "rejected"
+    polygonal = polygonal & ~unprojectable
+    area = np.full(len(out), np.nan)
+    area[polygonal] = shapely.area(series.array[polygonal])
     out["footprint_area_m2"] = area
     is_bldg = (role == "building") & polygonal
     small = is_bldg & (area < min_area_m2)
@@ -412,8 +426,9 @@ def assign_districts(part: gpd.GeoDataFrame, districts: gpd.GeoDataFrame) -> gpd
 
 
 # --------------------------------------------------------------------------- runner
-def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gpd.GeoDataFrame:
-    """Read district boundaries into the working CRS.
+def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path,
+                   targets: list[TargetConfig] | tuple = ()) -> gpd.GeoDataFrame:
+    """Read district boundaries into the working CRS; check the targets' districts.
 
     Parameters
     ----------
@@ -423,11 +438,20 @@ def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gp
         Target CRS.
     base_dir : Path
         Directory that relative paths are resolved against.
+    targets : list of TargetConfig, optional
+        Targets whose ``district_name`` must be a district in the file.
 
     Returns
     -------
     GeoDataFrame
         ``district_name``, ``district_adcode`` (text), geometry.
+
+    Raises
+    ------
+    InputError
+        Missing file, field or CRS.
+    ConfigError
+        A target names a district that is not in the boundaries.
     """
     path = cfg.path if cfg.path.is_absolute() else base_dir / cfg.path
     raw = read_vector(path, layer=cfg.layer)
@@ -445,7 +469,35 @@ def load_districts(cfg: DistrictsConfig, working_crs: str, base_dir: Path) -> gp
          "district_adcode": _id_text(raw[cfg.code_field].to_numpy())},
         geometry=shapely.make_valid(raw.geometry.array), crs=raw.crs,
     ).to_crs(working_crs)
+    check_target_districts(targets, out["district_name"], path)
     return out
+
+
+def check_target_districts(targets: list[TargetConfig] | tuple, names: pd.Series,
+                           path: Path) -> None:
+    """Raise if a target names a district that the boundaries do not have.
+
+    Parameters
+    ----------
+    targets : list of TargetConfig
+        The configured targets.
+    names : Series
+        District names in the boundaries file.
+    path : Path
+        The boundaries file, for the message.
+
+    Raises
+    ------
+    ConfigError
+        Naming the target id, its district and the known district names.
+    """
+    known = sorted(set(names.astype(str)))
+    for t in targets:
+        if t.district_name not in known:
+            raise ConfigError(
+                f"targets[{t.id}].district_name: district {t.district_name!r} is not in the "
+                f"district boundaries {path} (districts: {', '.join(known)}). Fix: spell it as "
+                "in the boundaries file, or point districts.path at boundaries that have it")
 
 
 def run(cfg: PipelineConfig, base_dir: Path) -> dict:
@@ -466,11 +518,15 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """
     t0 = time.perf_counter()
     out_dir = base_dir / cfg.paths.processed_dir
-    districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     parts, accounting = [], {}
     for src in cfg.sources:
         ts = time.perf_counter()
         raw = read_source(src, base_dir)
+        check_extent(raw, src.path if src.path.is_absolute() else base_dir / src.path, src.name,
+                     districts, cfg.ingest.crs_check_margin_m)
+        raw = map_partitions(raw, check_attribute_ranges, cfg.ingest.max_height_attr_m,
+                             cfg.ingest.max_levels_attr)
         norm = map_partitions(
             raw, normalise_footprints, cfg.working_crs, cfg.ingest.min_footprint_area_m2,
             cfg.ingest.max_footprint_area_m2, src.building_filter,
@@ -490,11 +546,18 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     outside = bmask & allf["district_name"].isna().to_numpy()
     allf.loc[outside, "reason"] = "centroid outside every district boundary"
     allf.loc[outside, "role"] = "rejected"
+    warnings = gcj02_warnings(allf[allf["role"].eq("building")], cfg)
+    dups = find_duplicates(allf[allf["role"].eq("building")], cfg.ingest.dedup_min_overlap_share,
+                           cfg.ingest.dedup_min_area_ratio, [s.name for s in cfg.sources])
+    allf.loc[dups.index, "reason"] = duplicate_reasons(dups)
+    allf.loc[dups.index, "role"] = "rejected"
+    _log_duplicates(allf, dups)
 
     kept = allf[allf["role"].eq("building")].drop(columns=["role", "reason",
                                                            "original_attributes"])
     cols = ["building_id", "source", "source_id", "district_name", "district_adcode",
-            *ATTRIBUTE_COLUMNS, "footprint_area_m2", "geometry_repaired", "geometry"]
+            *ATTRIBUTE_COLUMNS, "attribute_issues", "footprint_area_m2", "geometry_repaired",
+            "geometry"]
     kept = kept[cols].reset_index(drop=True)
     areas = allf[allf["role"].eq("area")][["building_id", "source", "source_id",
                                            *ATTRIBUTE_COLUMNS, "geometry"]]
@@ -504,18 +567,20 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
                             .fillna(pois["tag_shop"]).fillna(pois["tag_tourism"])
                             .fillna(pois["class_field"]))
     rejected = allf[allf["reason"].notna()][
-        ["building_id", "source", "source_id", "name", "reason", "original_attributes",
-         "geometry"]].copy()
+        ["building_id", "source", "source_id", "name", "reason", "attribute_issues",
+         "original_attributes", "geometry"]].copy()
     rejected.insert(4, "stage", "ingest")
 
     for src in cfg.sources:
         sel = allf["source"].eq(src.name)
-        by_reason = allf.loc[sel & allf["reason"].notna(), "reason"].value_counts()
+        by_reason = reason_kind(allf.loc[sel & allf["reason"].notna(), "reason"]).value_counts()
         accounting[src.name] = {
             "read": int(sel.sum()),
             "kept": int((sel & allf["role"].eq("building")).sum()),
             "rejected": int((sel & allf["reason"].notna()).sum()),
             "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
+            "attribute_issues": int((sel & allf["attribute_issues"].notna()).sum()),
+            "warnings": warnings.get(src.name, []),
         }
         acc = accounting[src.name]
         assert acc["read"] == acc["kept"] + acc["rejected"], acc
@@ -529,6 +594,87 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
              "in %.1f s", len(allf), len(kept), len(rejected), len(areas), len(pois),
              time.perf_counter() - t0)
     return accounting
+
+
+def gcj02_warnings(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Warn about sources that look like GCJ-02 against another source.
+
+    For every ordered pair of sources (A, B) counts A's footprints whose
+    centre lies in one of B's as read and after converting A from GCJ-02 to
+    WGS84 (:func:`pipeline.coords.gcj02_evidence`); when conversion gives at
+    least ``ingest.gcj02_detect_min_matches`` and ``ingest.gcj02_detect_gain``
+    times as many, A is logged as probably GCJ-02.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        Kept footprints of all sources, working CRS.
+    cfg : PipelineConfig
+        Sources and thresholds.
+
+    Returns
+    -------
+    dict
+        Warning texts by source name.
+    """
+    out: dict[str, list[str]] = {}
+    by_src = {s.name: buildings[buildings["source"].eq(s.name)] for s in cfg.sources}
+    for a in cfg.sources:
+        for b in cfg.sources:
+            if a.name == b.name or len(by_src[a.name]) == 0 or len(by_src[b.name]) == 0:
+                continue
+            as_read, converted = gcj02_evidence(by_src[a.name], by_src[b.name])
+            log.info("ingest: %s footprints inside %s footprints: %d as read, %d if %s were "
+                     "GCJ-02", a.name, b.name, as_read, converted, a.name)
+            if (converted >= cfg.ingest.gcj02_detect_min_matches
+                    and converted >= cfg.ingest.gcj02_detect_gain * as_read):
+                msg = (f"source {a.name} looks like GCJ-02 (Chinese map-service) coordinates: "
+                       f"{converted} of its footprints fall inside {b.name} footprints after "
+                       f"GCJ-02 -> WGS84 conversion, {as_read} as read; if {b.name} is WGS84, "
+                       f"set sources[{a.name}].gcj02_to_wgs84: true")
+                log.warning("ingest: %s", msg)
+                out.setdefault(a.name, []).append(msg)
+    return out
+
+
+def duplicate_reasons(dups: pd.DataFrame) -> pd.Series:
+    """Rejection reasons of duplicate footprints, naming the record kept.
+
+    Parameters
+    ----------
+    dups : DataFrame
+        Output of :func:`pipeline.dedup.find_duplicates`.
+
+    Returns
+    -------
+    Series
+        One reason per dropped footprint.
+    """
+    return pd.Series(
+        [f"duplicate of {k} ({share:.0%} of the smaller footprint overlaps, area ratio "
+         f"{ratio:.2f}; kept the richer record: richness {rk} vs {rd})"
+         for k, share, ratio, rk, rd in zip(dups["kept_id"], dups["overlap_share"],
+                                            dups["area_ratio"], dups["richness_kept"],
+                                            dups["richness_dropped"], strict=True)],
+        index=dups.index, dtype="object")
+
+
+def reason_kind(reasons: pd.Series) -> pd.Series:
+    """Reasons with record-specific parts removed, for counting by reason."""
+    return reasons.str.replace(r"^duplicate of .*$", "duplicate of a richer footprint "
+                               "(ingest.dedup_min_overlap_share, dedup_min_area_ratio)",
+                               regex=True)
+
+
+def _log_duplicates(allf: pd.DataFrame, dups: pd.DataFrame) -> None:
+    if dups.empty:
+        log.info("ingest: no duplicate footprints")
+        return
+    src_of = dict(zip(allf["building_id"], allf["source"], strict=True))
+    pairs = pd.Series([f"{src_of[k]} kept over {s}" for k, s in
+                       zip(dups["kept_id"], allf.loc[dups.index, "source"], strict=True)])
+    log.info("ingest: %d duplicate footprints rejected (%s)", len(dups),
+             ", ".join(f"{k}: {v}" for k, v in pairs.value_counts().items()))
 
 
 def _unique_ids(source: str, source_id: pd.Series) -> np.ndarray:

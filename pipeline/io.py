@@ -63,14 +63,30 @@ def read_vector(path: Path, layer: str | None = None, encoding: str | None = Non
     if encoding:
         kwargs["encoding"] = encoding
     try:
-        if layer is not None:
-            layers = [name for name, _ in pyogrio.list_layers(path)]
-            if layer not in layers:
-                raise InputError(path, f"no layer {layer!r} (layers: {layers})", field="layer",
-                                 fix="set the layer name in the config to one of these")
-        return pyogrio.read_dataframe(path, layer=layer, **kwargs)
+        listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
+        layers = [name for name, _ in listed]
+        if layer is not None and layer not in layers:
+            raise InputError(path, f"no layer {layer!r} (layers: {layers})", field="layer",
+                             fix="set the layer name in the config to one of these")
+        features = [name for name, gtype in listed if gtype is not None]
+        if not features:
+            raise InputError(path, "no feature table (no layer has geometries; layers: "
+                             f"{layers})", field="layer",
+                             fix="export the footprints with their geometry into the file")
+        if layer is not None and layer not in features:
+            raise InputError(path, f"layer {layer!r} has no geometries (feature layers: "
+                             f"{features})", field="layer",
+                             fix="set the layer name in the config to a feature layer")
+        return pyogrio.read_dataframe(path, layer=layer if layer is not None else features[0],
+                                      **kwargs)
     except InputError:
         raise
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"text cannot be decoded as {exc.encoding} ({exc.reason} at "
+                         f"byte {exc.start})", field="encoding",
+                         fix="set sources[].encoding to the file's encoding (e.g. gbk); for a "
+                         "file that mixes UTF-8 and GBK records set encoding: latin1 and "
+                         "text_repair: utf8_or_gbk_read_as_latin1") from exc
     except Exception as exc:  # DataSourceError, DataLayerError, ...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(path, f"GDAL cannot read it: {msg}",

@@ -543,6 +543,7 @@ def run(
     import geopandas as gpd
 
     from pipeline.parallel import map_partitions
+    from pipeline.planes import join_plane_yield, plane_rows
 
     t0 = time.perf_counter()
     buildings_in, out, classes_out = (
@@ -552,8 +553,9 @@ def run(
     buildings = gpd.read_parquet(buildings_in)
     log.info("yield: %d buildings in from %s", len(buildings), buildings_in)
     step = yield_cfg.orientation_step_deg
-    table = class_yield(orientation_classes(buildings, step), weather, yield_cfg)
-    joined = map_partitions(buildings, join_yield, table, step)
+    # one row per roof plane (plane 2 of pitched roofs, shading shares): pipeline.planes
+    table = class_yield(orientation_classes(plane_rows(buildings), step), weather, yield_cfg)
+    joined = map_partitions(buildings, join_plane_yield, table, step)
     _write_atomic(joined, out)
     _write_atomic(table, classes_out)
     duration = time.perf_counter() - t0

@@ -49,6 +49,7 @@ from pipeline import changes
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
+from pipeline.roof_report import roof_sections
 from pipeline.runs import check_geopackage
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     if kept != len(buildings):
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
-    districts = load_districts(cfg.districts, cfg.working_crs, base_dir)
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     targets = target_table(buildings, cfg.targets)
     dlayer = district_layer(districts, buildings, cfg.policy, targets)
     by_type = summarise(buildings, ["district_name", "building_type"])
@@ -434,9 +435,10 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
                for k, v in accounting.items() for r, n in v["rejected_by_reason"].items()]
     if reasons:
         lines += ["Rejections by reason:", "", _md_table(pd.DataFrame(reasons)), ""]
+    lines += roof_sections(buildings, _md_table, cfg.shading.min_unshaded_share)
     lines += ["## Assumptions", "",
               "Each value is a key of the config; its source is the comment beside it.", "",
-              _md_table(assumptions(config_path, ("ingest", "roof", "policy", "weather",
-                                                  "yield"))),
+              _md_table(assumptions(config_path, ("ingest", "heights", "roof", "shading",
+                                                  "policy", "weather", "yield"))),
               ""]
     return "\n".join(lines)

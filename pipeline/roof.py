@@ -1,34 +1,63 @@
-"""Stage 3, roof: usable roof area and installable capacity per building.
+"""Stage 3, roof: height, roof kind, usable area, layout and capacity per building.
 
-The footprint is shrunk by an edge setback (fire access and wind margin),
-multiplied by a utilisation factor by roof kind and building type (plant
-rooms, skylights, equipment), and set to zero below a minimum array area.
-Flat roofs carry tilted rows at a ground-coverage ratio (module area per roof
-area); pitched roofs carry flush modules. The policy capacity puts PV on the
-coverage share of the roof that the district rule asks for, capped at what is
-usable.
+Steps (each assumption is a key of the ``roof:``/``heights:`` config sections)
+
+1. Height (:mod:`pipeline.heights`): raster median, attribute, storeys x
+   storey height, or the default.
+2. Roof kind: ``roof:shape`` tag, then the OSM ``building`` tag, then the
+   first matching ``roof_kind_rules`` entry (building type, footprint area,
+   height), then ``roof_kind_default``.
+3. Usable area: edge setback by roof kind and building height
+   (``setback_*_m_by_min_height_m``: the band with the largest lower bound at
+   or below the height); morphological opening with ``min_array_width_m`` so
+   that strips too slender for a row of modules are dropped; utilisation
+   (obstruction) factor by building type; zero below ``min_array_area_m2``.
+4. Layout. Flat roofs: rows facing ``flat_azimuth_deg`` at ``flat_tilt_deg``,
+   row pitch from the GB 50797-2012 rule (no mutual shading between
+   ``flat_row_rule_start_solar_h`` and ``..._end_solar_h`` solar time on the
+   winter solstice) at the building's latitude, so ``gcr`` is computed
+   (:func:`solstice_row_gcr`). Pitched roofs: the ridge runs along the long
+   side of the footprint's minimum rotated rectangle; the two planes either
+   side get flush modules at ``pitched_tilt_deg`` facing away from the ridge;
+   planes within ``pitched_min_azimuth_from_north_deg`` of north are excluded.
+   Plane 1 is the usable plane facing closest to south (its orientation is
+   ``tilt_deg``/``azimuth_deg``); the other usable plane, if any, is plane 2
+   (``azimuth_2_deg``, same tilt). The yield stage computes energy per plane.
 
 Inputs (classify stage): ``footprint_area_m2`` [m2], ``building_type``,
-``tag_roof_shape``, ``tag_building``, geometry [m].
+``tag_roof_shape``, ``tag_building``, ``height_attr_m`` [m], ``levels_attr``,
+geometry [m].
 
 Outputs (added columns)
 
 =======================  ======  ===============================================
 column                   unit    meaning
 =======================  ======  ===============================================
+raster_height_m          m       median of the height rasters in the footprint
+height_m                 m       building height used here and for shading
+height_source            -       raster, attribute, levels or default
 roof_kind                -       flat or pitched
-roof_kind_source         -       tag (roof:shape / building tag) or default
-setback_area_m2          m2      footprint area inside the edge setback
-utilisation_factor       -       share of setback area free of obstructions
-usable_area_m2           m2      area that can carry arrays
-tilt_deg                 deg     module tilt
-azimuth_deg              deg     module azimuth (180 = south)
-gcr                      -       module area / usable area
+roof_kind_source         -       tag_roof_shape, tag_building, rule:<name>, default
+setback_m                m       edge setback applied
+setback_area_m2          m2      horizontal area inside the setbacks (pitched:
+                                 both planes, ridge margin included)
+utilisation_factor       -       share of the area free of obstructions
+usable_area_m2           m2      area that carries modules (pitched: on the
+                                 roof slope, planes 1 and 2)
+tilt_deg                 deg     module tilt (plane 1)
+azimuth_deg              deg     module azimuth, 180 = south (plane 1)
+gcr                      -       module area / usable area (flat: solstice rule;
+                                 pitched: packing factor)
 module_area_m2           m2      usable_area_m2 * gcr
-capacity_kwp             kWp     module_area_m2 * power density
+capacity_kwp             kWp     module_area_m2 * power density (all planes)
+azimuth_2_deg            deg     azimuth of plane 2 (NaN: none)
+usable_area_2_m2         m2      usable area of plane 2 (included above)
+capacity_2_kwp           kWp     capacity on plane 2 (included above)
 coverage_share           -       policy share of roof area for the type
-policy_area_m2           m2      min(coverage_share * footprint, usable)
+policy_area_m2           m2      min(coverage_share * footprint, usable),
+                                 plane 1 filled first
 capacity_policy_kwp      kWp     capacity on policy_area_m2
+capacity_policy_2_kwp    kWp     the part of it on plane 2
 suitable                 -       usable_area_m2 > 0
 unsuitable_reason        -       why not
 =======================  ======  ===============================================
@@ -46,10 +75,15 @@ import pandas as pd
 import shapely
 
 from pipeline.config import PipelineConfig, PolicyConfig, RoofConfig
+from pipeline.heights import HeightsConfig, building_heights, raster_index
 from pipeline.io import write_parquet_atomic
 from pipeline.parallel import map_partitions
 
 log = logging.getLogger(__name__)
+
+#: Solar-time steps sampled in the no-shading window (every 15 min for 09-15 h).
+ROW_RULE_STEPS = 25
+_MITRE = {"join_style": "mitre", "mitre_limit": 5.0}
 
 
 def setback_area(geometry: gpd.GeoSeries, setback_m: np.ndarray | float) -> np.ndarray:
@@ -93,43 +127,201 @@ def capacity_kwp(module_area_m2: np.ndarray | float, power_density_w_per_m2: flo
     return np.asarray(module_area_m2, dtype=float) * power_density_w_per_m2 / 1000.0
 
 
+def solstice_row_gcr(latitude_deg: np.ndarray | float, tilt_deg: np.ndarray | float,
+                     row_azimuth_deg: float = 180.0, declination_deg: float = -23.44,
+                     start_solar_h: float = 9.0, end_solar_h: float = 15.0) -> np.ndarray:
+    """Ground coverage ratio of rows that do not shade each other in a solar-time window.
+
+    A row of slant length ``L`` at tilt ``b`` casts, with the sun at
+    elevation ``a`` and azimuth ``g``, a shadow reaching
+    ``L sin(b) cos(g - row_azimuth) / tan(a)`` behind it (along the row
+    normal). The row pitch is ``L cos(b)`` plus the longest such reach in
+    the window, so ``GCR = L / pitch = 1 / (cos b + sin b max(cos(g - az) / tan a))``
+    (GB 50797-2012, 6.8: no shading 09:00-15:00 solar time on the winter
+    solstice). Sun position from the declination and the hour angle
+    ``15 deg/h * (t - 12)``.
+
+    Parameters
+    ----------
+    latitude_deg : array or float
+        Site latitude [deg], north positive.
+    tilt_deg : array or float
+        Module tilt [deg].
+    row_azimuth_deg : float
+        Azimuth the rows face, clockwise from north [deg].
+    declination_deg : float
+        Solar declination on the design day [deg] (winter solstice -23.44).
+    start_solar_h, end_solar_h : float
+        No-shading window [h solar time].
+
+    Returns
+    -------
+    ndarray
+        GCR [-]; 1 at tilt 0; NaN where the sun is below the horizon at some
+        time of the window.
+    """
+    lat = np.radians(np.atleast_1d(np.asarray(latitude_deg, dtype=float)))[:, None]
+    tilt = np.radians(np.asarray(tilt_deg, dtype=float))
+    hours = np.linspace(start_solar_h, end_solar_h, ROW_RULE_STEPS)[None, :]
+    omega = np.radians(15.0 * (hours - 12.0))
+    dec = np.radians(declination_deg)
+    sin_alt = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(omega)
+    az = np.degrees(np.arctan2(np.sin(omega), np.cos(omega) * np.sin(lat)
+                               - np.tan(dec) * np.cos(lat))) + 180.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tan_alt = sin_alt / np.sqrt(1.0 - sin_alt ** 2)
+        reach = np.maximum(np.cos(np.radians(az - row_azimuth_deg)), 0.0) / tan_alt
+    reach = np.where(sin_alt > 0, reach, np.inf).max(axis=1)
+    gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
+    gcr = np.where(np.isinf(reach) & (np.broadcast_to(tilt, reach.shape) > 0), np.nan, gcr)
+    return np.where(np.broadcast_to(tilt, reach.shape) == 0, 1.0, gcr)
+
+
+def azimuth_of(dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Azimuth of a direction, clockwise from north [deg] in [0, 360)."""
+    return np.mod(np.degrees(np.arctan2(dx, dy)), 360.0)
+
+
+def angle_between(a_deg: np.ndarray | float, b_deg: np.ndarray | float) -> np.ndarray:
+    """Smallest angle between two azimuths [deg] in [0, 180]."""
+    d = np.mod(np.asarray(a_deg, dtype=float) - np.asarray(b_deg, dtype=float), 360.0)
+    return np.minimum(d, 360.0 - d)
+
+
+def ridge_planes(geometry: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                   np.ndarray]:
+    """Split footprints into the two planes either side of a ridge.
+
+    The ridge is the centre line of the minimum rotated rectangle parallel to
+    its long side; each plane faces away from the ridge.
+
+    Parameters
+    ----------
+    geometry : GeoSeries
+        Footprints in a metric CRS [m].
+
+    Returns
+    -------
+    plane_a, plane_b : ndarray of shapely geometries
+        The footprint parts either side of the ridge.
+    azimuth_a, azimuth_b : ndarray
+        Azimuths the planes face, clockwise from north [deg].
+    """
+    geoms = np.asarray(geometry.array, dtype=object)
+    n = len(geoms)
+    corners = np.zeros((n, 4, 2))
+    if n:
+        rect = shapely.oriented_envelope(geoms)
+        coords, idx = shapely.get_coordinates(rect, return_index=True)
+        counts = np.bincount(idx, minlength=n)
+        starts = np.cumsum(counts) - counts
+        ok = counts == 5
+        corners[ok] = coords[starts[ok][:, None] + np.arange(4)[None, :]]
+        b = shapely.bounds(geoms)[~ok]  # degenerate: axis-aligned box
+        corners[~ok] = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], 1)
+    p0 = corners[:, 0]
+    u = corners[:, 1] - p0
+    v = corners[:, 3] - p0
+    swap = np.hypot(*u.T) < np.hypot(*v.T)
+    u, v = np.where(swap[:, None], v, u), np.where(swap[:, None], u, v)
+    half = v / 2.0
+    ring_a = np.stack([p0, p0 + u, p0 + u + half, p0 + half, p0], 1)
+    ring_b = np.stack([p0 + half, p0 + u + half, p0 + u + v, p0 + v, p0 + half], 1)
+    plane_a = shapely.intersection(geoms, shapely.polygons(ring_a))
+    plane_b = shapely.intersection(geoms, shapely.polygons(ring_b))
+    return plane_a, plane_b, azimuth_of(-v[:, 0], -v[:, 1]), azimuth_of(v[:, 0], v[:, 1])
+
+
+def _opened_area(geoms: np.ndarray, setback_m: np.ndarray, width_m: float) -> np.ndarray:
+    """Area inside the setback that a ``width_m`` wide strip can reach [m2]."""
+    inner = shapely.buffer(geoms, -(setback_m + width_m / 2.0), **_MITRE)
+    if width_m > 0:
+        inner = shapely.buffer(inner, width_m / 2.0, **_MITRE)
+    return np.asarray(shapely.area(inner), dtype=float)
+
+
+def band_lookup(values: np.ndarray, bands: dict[float, float]) -> np.ndarray:
+    """Value of the band with the largest lower bound at or below each value.
+
+    Parameters
+    ----------
+    values : ndarray
+        E.g. building heights [m].
+    bands : dict
+        Lower bound -> value; must contain 0.
+
+    Returns
+    -------
+    ndarray
+        The band value per entry (the 0 band for NaN or negative values).
+    """
+    bounds = np.array(sorted(bands), dtype=float)
+    out = np.array([bands[b] for b in sorted(bands)], dtype=float)
+    pos = np.searchsorted(bounds, np.nan_to_num(np.asarray(values, float), nan=0.0),
+                          side="right") - 1
+    return out[np.clip(pos, 0, len(out) - 1)]
+
+
 def roof_kind(buildings: pd.DataFrame, cfg: RoofConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Flat or pitched, from the roof:shape tag, the building tag, or the default.
+    """Flat or pitched: roof:shape tag, building tag, the first matching rule, or the default.
 
     Parameters
     ----------
     buildings : DataFrame
-        With ``tag_roof_shape`` and ``tag_building``.
+        With ``tag_roof_shape``, ``tag_building``, ``building_type``,
+        ``footprint_area_m2`` [m2] and ``height_m`` [m].
     cfg : RoofConfig
-        The lookup tables and the default.
+        The lookup tables, rules and the default.
 
     Returns
     -------
     kind, source : ndarray, ndarray
-        ``flat``/``pitched`` and ``tag_roof_shape``/``tag_building``/``default``.
+        ``flat``/``pitched`` and ``tag_roof_shape``/``tag_building``/
+        ``rule:<name>``/``default``.
     """
     n = len(buildings)
     kind = np.full(n, cfg.roof_kind_default, dtype=object)
     source = np.full(n, "default", dtype=object)
-    by_building = buildings["tag_building"].map(cfg.roof_kind_by_tag_building)
-    has = by_building.notna().to_numpy()
-    kind[has] = by_building.to_numpy()[has]
-    source[has] = "tag_building"
-    by_shape = buildings["tag_roof_shape"].map(cfg.roof_kind_by_roof_shape)
-    has = by_shape.notna().to_numpy()
-    kind[has] = by_shape.to_numpy()[has]
-    source[has] = "tag_roof_shape"
+    area = buildings["footprint_area_m2"].to_numpy(dtype=float)
+    height = buildings["height_m"].to_numpy(dtype=float)
+    btype = buildings["building_type"].astype(object).to_numpy()
+    for rule in reversed(cfg.roof_kind_rules):
+        hit = np.ones(n, dtype=bool)
+        if rule.building_types is not None:
+            hit &= np.isin(btype, rule.building_types)
+        for col, lo, hi in ((area, rule.min_footprint_area_m2, rule.max_footprint_area_m2),
+                            (height, rule.min_height_m, rule.max_height_m)):
+            if lo is not None:
+                hit &= col >= lo
+            if hi is not None:
+                hit &= col < hi
+        kind[hit] = rule.roof_kind
+        source[hit] = f"rule:{rule.name}"
+    for col, table in (("tag_building", cfg.roof_kind_by_tag_building),
+                       ("tag_roof_shape", cfg.roof_kind_by_roof_shape)):
+        mapped = buildings[col].map(table)
+        has = mapped.notna().to_numpy()
+        kind[has] = mapped.to_numpy()[has]
+        source[has] = col
     return kind, source
+
+
+def _latitude(geometry: gpd.GeoSeries) -> np.ndarray:
+    """Latitude of the footprint centroids [deg]."""
+    if len(geometry) == 0:
+        return np.zeros(0)
+    cent = gpd.GeoSeries(shapely.centroid(geometry.array), crs=geometry.crs)
+    return cent.to_crs("EPSG:4326").y.to_numpy()
 
 
 def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfig
                    ) -> gpd.GeoDataFrame:
-    """Kernel: usable area, layout and capacity of each roof.
+    """Kernel: roof kind, usable area, layout and capacity of each roof.
 
     Parameters
     ----------
     part : GeoDataFrame
-        Classified buildings in a metric CRS.
+        Classified buildings with ``height_m`` [m], in a metric CRS.
     roof : RoofConfig
         Setbacks, utilisation, layout and module density.
     policy : PolicyConfig
@@ -141,48 +333,138 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
         ``part`` with the columns in the module table.
     """
     out = part.copy()
+    n = len(out)
+    geoms = np.asarray(out.geometry.array, dtype=object)
     kind, kind_source = roof_kind(out, roof)
     flat = kind == "flat"
-    setback = np.where(flat, roof.setback_flat_m, roof.setback_pitched_m)
-    area_in = setback_area(out.geometry, setback) if len(out) else np.zeros(0)
+    height = out["height_m"].to_numpy(dtype=float)
+    setback = np.where(flat, band_lookup(height, roof.setback_flat_m_by_min_height_m),
+                       band_lookup(height, roof.setback_pitched_m_by_min_height_m))
     btype = out["building_type"].astype(object)
     util_flat = btype.map(roof.utilisation_flat_by_type).fillna(
         roof.utilisation_flat_by_type["default"]).to_numpy(dtype=float)
     util_pitched = btype.map(roof.utilisation_pitched_by_type).fillna(
         roof.utilisation_pitched_by_type["default"]).to_numpy(dtype=float)
     util = np.where(flat, util_flat, util_pitched)
-    usable = area_in * util
-    too_small = usable < roof.min_array_area_m2
-    usable = np.where(too_small, 0.0, usable)
-    gcr = np.where(flat, roof.flat_gcr, roof.pitched_gcr)
-    module_area = usable * gcr
+    min_area, width = roof.min_array_area_m2, roof.min_array_width_m
+    reason_setback = "nothing left inside the edge setback"
+    reason_narrow = (f"roof narrower than roof.min_array_width_m = {width:g} m inside the "
+                     "setback")
+    reason_small = f"usable area below roof.min_array_area_m2 = {min_area:g} m2"
+
+    # flat roofs: rows facing flat_azimuth_deg at the solstice-rule GCR
+    area_in = np.zeros(n)
+    opened = np.zeros(n)
+    if flat.any():
+        area_in[flat] = shapely.area(shapely.buffer(geoms[flat], -setback[flat], **_MITRE))
+        opened[flat] = _opened_area(geoms[flat], setback[flat], width)
+    usable_1 = np.where(flat, opened * util, 0.0)
+    az_1 = np.full(n, roof.flat_azimuth_deg)
+    az_2 = np.full(n, np.nan)
+    usable_2 = np.zeros(n)
+    gcr = np.full(n, roof.pitched_gcr)
+    gcr[flat] = solstice_row_gcr(
+        _latitude(out.geometry[flat]), roof.flat_tilt_deg, roof.flat_azimuth_deg,
+        roof.flat_row_rule_declination_deg, roof.flat_row_rule_start_solar_h,
+        roof.flat_row_rule_end_solar_h) if flat.any() else np.zeros(0)
+    reason = np.where(area_in <= 0, reason_setback,
+                      np.where(opened <= 0, reason_narrow, reason_small)).astype(object)
+    reason[flat & ~np.isfinite(gcr)] = ("sun below the horizon in the no-shading window "
+                                        "of roof.flat_row_rule_*")
+
+    # pitched roofs: two planes either side of the ridge
+    pit = ~flat
+    if pit.any():
+        cos_t = np.cos(np.radians(roof.pitched_tilt_deg))
+        pa, pb, aza, azb = ridge_planes(out.geometry[pit])
+        s = setback[pit]
+        planes = []
+        for plane, az in ((pa, aza), (pb, azb)):
+            inside = np.asarray(shapely.area(shapely.buffer(plane, -s, **_MITRE)), dtype=float)
+            op = _opened_area(plane, s, width)
+            use = op / cos_t * util[pit]
+            north = angle_between(az, 0.0) < roof.pitched_min_azimuth_from_north_deg
+            ok = ~north & (use >= min_area)
+            planes.append((inside, op, use, az, north, ok))
+        (ia, oa, ua, aza, na, oka), (ib, ob, ub, azb, nb, okb) = planes
+        # usable planes first, then the one facing closest to south
+        score_a = np.where(oka, 1000.0, 0.0) - angle_between(aza, 180.0)
+        score_b = np.where(okb, 1000.0, 0.0) - angle_between(azb, 180.0)
+        a_first = score_a >= score_b
+        u1 = np.where(a_first, np.where(oka, ua, 0.0), np.where(okb, ub, 0.0))
+        u2 = np.where(a_first, np.where(okb, ub, 0.0), np.where(oka, ua, 0.0))
+        second_ok = np.where(a_first, okb, oka)
+        area_in[pit] = ia + ib
+        usable_1[pit] = u1
+        usable_2[pit] = u2
+        az_1[pit] = np.where(a_first, aza, azb)
+        az_2[pit] = np.where(second_ok, np.where(a_first, azb, aza), np.nan)
+        south_area = np.where(na, 0.0, ua) + np.where(nb, 0.0, ub)
+        reason[pit] = np.where(
+            ia + ib <= 0, reason_setback,
+            np.where(oa + ob <= 0, reason_narrow,
+                     np.where((south_area <= 0) & (ua + ub > 0),
+                              "only north-facing planes (roof.pitched_min_azimuth_from_north_deg)",
+                              reason_small)))
+    usable_1 = np.where(flat & ((usable_1 < min_area) | ~np.isfinite(gcr)), 0.0, usable_1)
+    usable = usable_1 + usable_2
+    gcr_ok = np.nan_to_num(gcr)
+    density = roof.module_power_density_w_per_m2
     share = btype.map(policy.coverage_share_by_type).fillna(0.0).to_numpy(dtype=float)
     policy_area = np.minimum(share * out["footprint_area_m2"].to_numpy(dtype=float), usable)
+    policy_2 = np.maximum(policy_area - usable_1, 0.0)
 
+    out["setback_m"] = setback
     out["roof_kind"] = kind
     out["roof_kind_source"] = kind_source
     out["setback_area_m2"] = area_in
     out["utilisation_factor"] = util
     out["usable_area_m2"] = usable
     out["tilt_deg"] = np.where(flat, roof.flat_tilt_deg, roof.pitched_tilt_deg)
-    out["azimuth_deg"] = np.where(flat, roof.flat_azimuth_deg, roof.pitched_azimuth_deg)
+    out["azimuth_deg"] = az_1
     out["gcr"] = gcr
-    out["module_area_m2"] = module_area
-    out["capacity_kwp"] = capacity_kwp(module_area, roof.module_power_density_w_per_m2)
+    out["module_area_m2"] = usable * gcr_ok
+    out["capacity_kwp"] = capacity_kwp(usable * gcr_ok, density)
+    out["azimuth_2_deg"] = az_2
+    out["usable_area_2_m2"] = usable_2
+    out["capacity_2_kwp"] = capacity_kwp(usable_2 * gcr_ok, density)
     out["coverage_share"] = share
     out["policy_area_m2"] = policy_area
-    out["capacity_policy_kwp"] = capacity_kwp(policy_area * gcr,
-                                              roof.module_power_density_w_per_m2)
+    out["capacity_policy_kwp"] = capacity_kwp(policy_area * gcr_ok, density)
+    out["capacity_policy_2_kwp"] = capacity_kwp(policy_2 * gcr_ok, density)
     out["suitable"] = usable > 0
-    reason = np.where(area_in <= 0, "nothing left inside the edge setback",
-                      f"usable area below roof.min_array_area_m2 = {roof.min_array_area_m2:g} m2")
     out["unsuitable_reason"] = pd.Series(np.where(usable > 0, None, reason), index=out.index,
                                          dtype="object")
     return out
 
 
+def roof_kernel(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfig,
+                heights: HeightsConfig, rasters: pd.DataFrame) -> gpd.GeoDataFrame:
+    """Kernel of the stage: heights (:func:`pipeline.heights.building_heights`), then roofs.
+
+    Parameters
+    ----------
+    part : GeoDataFrame
+        Classified buildings in a metric CRS.
+    roof : RoofConfig
+        Roof assumptions.
+    policy : PolicyConfig
+        Coverage share by building type.
+    heights : HeightsConfig
+        Height assumptions.
+    rasters : DataFrame
+        Height raster index (:func:`pipeline.heights.raster_index`).
+
+    Returns
+    -------
+    GeoDataFrame
+        ``part`` with the height and roof columns.
+    """
+    return roof_potential(building_heights(part, heights, rasters), roof, policy)
+
+
 def run(cfg: PipelineConfig, base_dir: Path) -> dict:
-    """Roof stage runner: classified buildings in, roof potential out.
+    """Roof stage runner: classified buildings in, heights and roof potential out.
 
     Parameters
     ----------
@@ -194,17 +476,22 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     Returns
     -------
     dict
-        Rows in and out, suitable roofs, total capacity [kWp].
+        Rows in and out, suitable roofs, total capacity [kWp], counts by
+        height source and roof kind source.
     """
     t0 = time.perf_counter()
     d = base_dir / cfg.paths.processed_dir
     buildings = gpd.read_parquet(d / "classify_buildings.parquet")
-    out = map_partitions(buildings, roof_potential, cfg.roof, cfg.policy)
+    rasters = raster_index(cfg.heights, base_dir)
+    out = map_partitions(buildings, roof_kernel, cfg.roof, cfg.policy, cfg.heights, rasters)
     write_parquet_atomic(out, d / "roof_buildings.parquet")
     stats = {"rows_in": len(buildings), "rows_out": len(out),
              "suitable": int(out["suitable"].sum()),
-             "capacity_kwp": float(out["capacity_kwp"].sum())}
-    log.info("roof: %d buildings in, %d out, %d suitable, %.1f MWp, %.1f s",
-             stats["rows_in"], stats["rows_out"], stats["suitable"],
-             stats["capacity_kwp"] / 1000, time.perf_counter() - t0)
+             "capacity_kwp": float(out["capacity_kwp"].sum()),
+             "height_source": out["height_source"].value_counts().to_dict(),
+             "roof_kind_source": out["roof_kind_source"].value_counts().to_dict()}
+    log.info("roof: %d buildings in, %d out, %d suitable, %.1f MWp, %d height rasters, "
+             "heights %s, %.1f s", stats["rows_in"], stats["rows_out"], stats["suitable"],
+             stats["capacity_kwp"] / 1000, len(rasters), stats["height_source"],
+             time.perf_counter() - t0)
     return stats

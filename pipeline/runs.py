@@ -76,15 +76,6 @@ PACKAGES = ("numpy", "pandas", "geopandas", "shapely", "pyogrio", "pyarrow", "py
             "rasterio", "pvlib", "dask", "dask-geopandas", "distributed", "pydantic", "PyYAML",
             "rooftop-pv")
 PIPELINE_DIR = Path(__file__).resolve().parent
-#: Code each stage's outputs depend on (as the Makefile's prerequisites).
-COMMON_CODE = ("config.py", "parallel.py", "io.py", "glossary.py", "errors.py")
-STAGE_CODE = {
-    "ingest": ("ingest.py",),
-    "classify": ("classify.py", "classify_eval.py"),
-    "roof": ("roof.py",),
-    "yield": ("pvyield.py", "weather.py"),
-    "report": ("report.py", "changes.py"),
-}
 
 
 # --------------------------------------------------------------------------- config
@@ -241,7 +232,7 @@ def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
     cfg : PipelineConfig
         The configuration (with the drop sources).
     stage : str
-        ``ingest``, ``classify``, ``roof``, ``yield`` or ``report``.
+        ``ingest``, ``classify``, ``roof``, ``shading``, ``yield`` or ``report``.
     base_dir : Path
         Project root.
     config_path : Path
@@ -264,7 +255,7 @@ def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
         outputs = [proc / n for n in ("ingest_buildings.parquet", "ingest_areas.parquet",
                                       "ingest_pois.parquet", "ingest_rejected.parquet",
                                       "ingest_accounting.json")]
-        sections: tuple[str, ...] = ("working_crs", "sources", "districts", "ingest")
+        sections: tuple[str, ...] = ("working_crs", "sources", "districts", "ingest", "targets")
     elif stage == "classify":
         from pipeline.classify_eval import DEFAULT_CBDC_LABELS
 
@@ -279,11 +270,20 @@ def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
         outputs = [proc / "classify_buildings.parquet", proc / "classify_evaluation.md"]
         sections = ("working_crs", "classify")
     elif stage == "roof":
+        import glob
+
         inputs = [proc / "classify_buildings.parquet"]
+        for entry in cfg.heights.rasters:
+            pattern = _resolve(Path(entry.path), base_dir).as_posix()
+            inputs += [Path(f) for f in sorted(glob.glob(pattern, recursive=True))]
         outputs = [proc / "roof_buildings.parquet"]
-        sections = ("roof", "policy")
-    elif stage == "yield":
+        sections = ("roof", "policy", "heights")
+    elif stage == "shading":
         inputs = [proc / "roof_buildings.parquet", _resolve(cfg.weather.path, base_dir)]
+        outputs = [proc / "shading_buildings.parquet"]
+        sections = ("shading", "weather", "yield")
+    elif stage == "yield":
+        inputs = [proc / "shading_buildings.parquet", _resolve(cfg.weather.path, base_dir)]
         outputs = [proc / "yield_buildings.parquet", proc / "yield_classes.csv"]
         sections = ("weather", "yield")
     elif stage == "report":
@@ -297,13 +297,22 @@ def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
     return [p for p in inputs if p.is_file()], outputs, sections
 
 
-def code_hash(stage: str) -> str:
-    """sha256 over the source of the modules a stage's outputs depend on."""
-    h = hashlib.sha256()
-    for name in (*COMMON_CODE, *STAGE_CODE[stage]):
-        h.update(name.encode())
-        h.update((PIPELINE_DIR / name).read_bytes())
-    return h.hexdigest()
+def code_hash() -> str:
+    """sha256 over the source of every module of the package.
+
+    Deliberately coarse: a stage's result depends on helpers in other
+    modules, so any code change (an upgrade) redoes every stage once.
+    """
+    if "code" not in _CODE_HASH:
+        h = hashlib.sha256()
+        for path in sorted(PIPELINE_DIR.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        _CODE_HASH["code"] = h.hexdigest()
+    return _CODE_HASH["code"]
+
+
+_CODE_HASH: dict[str, str] = {}
 
 
 def stage_key(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
@@ -336,7 +345,7 @@ def stage_key(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
     parts = {
         "stage": stage,
         "config": dump,
-        "code": code_hash(stage),
+        "code": code_hash(),
         "inputs": sorted(files.items()),
     }
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)

@@ -45,7 +45,10 @@ Missing values
       Missing hours get ``albedo_default`` (warning with the hour count).
     * ``temp_air``, ``wind_speed``: missing hours get the configured default
       (warning with the hour count).
-    * ``ghi``, ``dni``, ``dhi``: up to ``max_missing_irradiance_hours`` hours
+    * ``ghi``, ``dni``, ``dhi``: negative values and values above the
+      extraterrestrial irradiance of the day (pvlib ``get_extra_radiation``,
+      about 1,320-1,410 W/m2) are missing too. Up to
+      ``max_missing_irradiance_hours`` hours
       (counted over the three columns) are filled by linear interpolation in
       time (warning); more is an error, since the annual yield would be
       biased by the gap.
@@ -463,9 +466,13 @@ def check_weather(
         )
 
     data = raw.loc[:, list(WEATHER_COLUMNS)].astype(float).copy()
-    # irradiance: negative values are invalid too
+    # irradiance: negative values, and hourly values above the extraterrestrial
+    # irradiance (no hour at the ground exceeds the top of the atmosphere), are invalid too
+    from pvlib.irradiance import get_extra_radiation
+
     irr = data[list(IRRADIANCE_COLUMNS)]
-    irr = irr.where(irr >= 0)
+    dni_extra = np.asarray(get_extra_radiation(idx.day_of_year.to_numpy()), dtype=float)
+    irr = irr.where((irr >= 0) & irr.le(dni_extra, axis=0))
     n_missing_irr = int(irr.isna().any(axis=1).sum())
     if n_missing_irr > cfg.max_missing_irradiance_hours:
         raise _fail(

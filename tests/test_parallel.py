@@ -26,6 +26,7 @@ def buildings(n=300, seed=1):
     }, geometry=[box(a, b, a + c, b + d) for a, b, c, d in zip(x, y, w, h, strict=True)],
         crs="EPSG:32651")
     gdf["footprint_area_m2"] = gdf.area
+    gdf["height_m"] = rng.uniform(3, 60, n)
     return gdf
 
 

@@ -6,35 +6,56 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import yaml
+from shapely import affinity
 from shapely.geometry import box
 
 from pipeline.config import PolicyConfig, RoofConfig
-from pipeline.roof import capacity_kwp, roof_potential, setback_area
+from pipeline.roof import (
+    band_lookup,
+    capacity_kwp,
+    ridge_planes,
+    roof_potential,
+    setback_area,
+    solstice_row_gcr,
+)
 
 ROOF = dict(
-    module_power_density_w_per_m2=200.0, setback_flat_m=1.0, setback_pitched_m=0.5,
+    module_power_density_w_per_m2=200.0,
+    setback_flat_m_by_min_height_m={0: 1.0, 24: 1.5},
+    setback_pitched_m_by_min_height_m={0: 0.5},
     utilisation_flat_by_type={"default": 0.7, "factory": 0.8},
-    utilisation_pitched_by_type={"default": 0.5}, min_array_area_m2=10.0,
-    flat_tilt_deg=20.0, flat_azimuth_deg=180.0, flat_gcr=0.6,
-    pitched_tilt_deg=25.0, pitched_azimuth_deg=180.0, pitched_gcr=1.0,
+    utilisation_pitched_by_type={"default": 0.8}, min_array_area_m2=10.0,
+    min_array_width_m=1.8, flat_tilt_deg=20.0, flat_azimuth_deg=180.0,
+    flat_row_rule_declination_deg=-23.44, flat_row_rule_start_solar_h=9.0,
+    flat_row_rule_end_solar_h=15.0, pitched_tilt_deg=25.0, pitched_gcr=1.0,
+    pitched_min_azimuth_from_north_deg=67.5,
     roof_kind_default="flat", roof_kind_by_roof_shape={"gabled": "pitched", "flat": "flat"},
     roof_kind_by_tag_building={"house": "pitched"},
+    roof_kind_rules=[{"name": "small_low_homes", "roof_kind": "pitched",
+                      "building_types": ["residential"], "max_footprint_area_m2": 300.0,
+                      "max_height_m": 12.0}],
 )
 POLICY = dict(coverage_share_by_type={"government": 0.5, "factory": 0.5, "other_public": 0.3},
               coverage_rule_types=["government", "school", "factory"], coverage_rule_share=0.5,
               coverage_rule_name="test")
+X0, Y0 = 350_000.0, 3_452_000.0  # UTM 51N near Shanghai (about 31.19 N)
 
 
-def frame(geoms, types, roof_shape=None, building=None):
+def frame(geoms, types, roof_shape=None, building=None, height=None):
     n = len(geoms)
     gdf = gpd.GeoDataFrame({
         "building_id": [f"t:{i}" for i in range(n)],
         "building_type": types,
         "tag_roof_shape": roof_shape or [None] * n,
         "tag_building": building or [None] * n,
-    }, geometry=geoms, crs="EPSG:32651")
+        "height_m": height or [10.0] * n,
+    }, geometry=[affinity.translate(g, X0, Y0) for g in geoms], crs="EPSG:32651")
     gdf["footprint_area_m2"] = gdf.area
     return gdf
+
+
+def run(*args, **kwargs):
+    return roof_potential(frame(*args, **kwargs), RoofConfig(**ROOF), PolicyConfig(**POLICY))
 
 
 def test_setback_of_a_rectangle_keeps_the_inner_rectangle():
@@ -42,44 +63,91 @@ def test_setback_of_a_rectangle_keeps_the_inner_rectangle():
     assert setback_area(g, 1.0)[0] == pytest.approx(38 * 23)
 
 
-def test_flat_roof_capacity_is_area_times_density_times_gcr():
-    out = roof_potential(frame([box(0, 0, 40, 25)], ["government"]), RoofConfig(**ROOF),
-                         PolicyConfig(**POLICY))
+def test_solstice_gcr_at_31_2n_matches_hand_calculation():
+    # 09:00 solar time on 21 Dec at 31.2 N: hour angle -45 deg, declination -23.44 deg
+    # sin(alt) = sin 31.2 sin -23.44 + cos 31.2 cos -23.44 cos 45 = -0.20606 + 0.55493
+    #          = 0.34887 -> alt 20.42 deg, tan(alt) = 0.37225
+    # cos(azimuth from south) = (sin alt sin lat - sin dec) / (cos alt cos lat) = 0.72166
+    # shadow reach per unit height behind the row: 0.72166 / 0.37225 = 1.9386
+    # GCR = 1 / (cos 20 + sin 20 * 1.9386) = 1 / (0.93969 + 0.66304) = 0.62393
+    assert solstice_row_gcr(31.2, 20.0)[0] == pytest.approx(0.62393, abs=2e-4)
+    # flat modules need no spacing; steeper rows and higher latitudes need more
+    assert solstice_row_gcr(31.2, 0.0)[0] == 1.0
+    assert solstice_row_gcr(31.2, 30.0)[0] < 0.62393 < solstice_row_gcr(25.0, 20.0)[0]
+
+
+def test_flat_roof_capacity_uses_the_solstice_gcr():
+    out = run([box(0, 0, 40, 25)], ["government"])
     r = out.iloc[0]
     assert r.roof_kind == "flat" and r.roof_kind_source == "default"
     assert r.setback_area_m2 == pytest.approx(874.0)
     assert r.usable_area_m2 == pytest.approx(874.0 * 0.7)
-    assert r.capacity_kwp == pytest.approx(874.0 * 0.7 * 0.6 * 200 / 1000)  # 73.416 kWp
+    assert r.gcr == pytest.approx(0.624, abs=0.002)  # latitude ~31.19 N
+    assert r.capacity_kwp == pytest.approx(874.0 * 0.7 * r.gcr * 200 / 1000)
     # policy: 50% of the 1000 m2 footprint = 500 m2, below the usable 611.8 m2
     assert r.policy_area_m2 == pytest.approx(500.0)
-    assert r.capacity_policy_kwp == pytest.approx(500 * 0.6 * 200 / 1000)
-    assert r.tilt_deg == 20.0 and r.azimuth_deg == 180.0 and r.gcr == 0.6
+    assert r.capacity_policy_kwp == pytest.approx(500 * r.gcr * 200 / 1000)
+    assert r.tilt_deg == 20.0 and r.azimuth_deg == 180.0 and np.isnan(r.azimuth_2_deg)
+    assert r.capacity_2_kwp == 0.0
 
 
-def test_type_and_roof_kind_pick_the_utilisation():
-    geoms = [box(0, 0, 40, 25)] * 3
-    out = roof_potential(frame(geoms, ["factory", "other", "other"], roof_shape=[None, "gabled",
-                         None], building=[None, None, "house"]), RoofConfig(**ROOF),
-                         PolicyConfig(**POLICY))
+def test_taller_buildings_get_the_wider_setback():
+    out = run([box(0, 0, 40, 25)] * 2, ["government"] * 2, height=[23.9, 30.0])
+    assert out.setback_m.tolist() == [1.0, 1.5]
+    assert out.usable_area_m2.iloc[1] == pytest.approx(37 * 22 * 0.7)
+    np.testing.assert_allclose(band_lookup(np.array([0, 24, 100, np.nan]), {0: 1, 24: 2}),
+                               [1, 2, 2, 1])
+
+
+def test_pitched_roof_planes_get_the_right_azimuths():
+    ew = box(0, 0, 40, 10)  # ridge east-west: planes face south and north
+    ns = box(0, 0, 10, 40)  # ridge north-south: planes face east and west
+    diag = affinity.rotate(ew, 45, origin="centroid")  # ridge NE-SW: planes SE and NW
+    _, _, az_a, az_b = ridge_planes(gpd.GeoSeries([ew, ns, diag], crs="EPSG:32651"))
+    assert sorted(np.round([az_a[0], az_b[0]], 6)) == [0, 180]
+    assert sorted(np.round([az_a[1], az_b[1]], 6)) == [90, 270]
+    assert sorted(np.round([az_a[2], az_b[2]], 6)) == [135, 315]
+    out = run([ew, ns, diag], ["other"] * 3, roof_shape=["gabled"] * 3)
+    # east-west ridge: only the south plane (the north one is excluded)
+    assert out.azimuth_deg.iloc[0] == pytest.approx(180) and np.isnan(out.azimuth_2_deg.iloc[0])
+    plane = 39 * 4 / np.cos(np.radians(25)) * 0.8  # 40 x 5 half, 0.5 m setback, on the slope
+    assert out.usable_area_m2.iloc[0] == pytest.approx(plane)
+    assert out.capacity_kwp.iloc[0] == pytest.approx(plane * 200 / 1000)
+    # north-south ridge: east and west planes, both kept
+    assert sorted([out.azimuth_deg.iloc[1], out.azimuth_2_deg.iloc[1]]) == pytest.approx([90, 270])
+    assert out.usable_area_m2.iloc[1] == pytest.approx(2 * plane)
+    assert out.capacity_2_kwp.iloc[1] == pytest.approx(plane * 200 / 1000)
+    # diagonal ridge: the south-east plane only (north-west is within 67.5 deg of north)
+    assert out.azimuth_deg.iloc[2] == pytest.approx(135) and np.isnan(out.azimuth_2_deg.iloc[2])
+    assert (out.tilt_deg == 25).all() and (out.gcr == 1).all()
+
+
+def test_type_tags_and_rules_pick_the_roof_kind():
+    geoms = [box(0, 0, 40, 25), box(0, 0, 40, 25), box(0, 0, 40, 25), box(0, 0, 15, 10),
+             box(0, 0, 15, 10)]
+    out = run(geoms, ["factory", "other", "other", "residential", "residential"],
+              roof_shape=[None, "gabled", None, None, None],
+              building=[None, None, "house", None, None],
+              height=[10.0, 10.0, 10.0, 9.0, 30.0])
+    assert out.roof_kind.tolist() == ["flat", "pitched", "pitched", "pitched", "flat"]
+    assert out.roof_kind_source.tolist() == ["default", "tag_roof_shape", "tag_building",
+                                             "rule:small_low_homes", "default"]
     assert out.usable_area_m2.iloc[0] == pytest.approx(874 * 0.8)
-    pitched_area = 39 * 24 * 0.5
-    assert out.usable_area_m2.iloc[1] == pytest.approx(pitched_area)
-    assert out.roof_kind_source.tolist() == ["default", "tag_roof_shape", "tag_building"]
-    assert out.capacity_kwp.iloc[2] == pytest.approx(pitched_area * 1.0 * 200 / 1000)
     assert out.capacity_policy_kwp.iloc[1] == 0.0  # 'other' has no coverage mandate
 
 
-def test_small_roofs_are_unsuitable_with_a_reason():
-    out = roof_potential(frame([box(0, 0, 5, 5), box(0, 0, 1.5, 30)], ["school", "school"]),
-                         RoofConfig(**ROOF), PolicyConfig(**POLICY))
+def test_small_and_slender_roofs_are_unsuitable_with_a_reason():
+    out = run([box(0, 0, 5, 5), box(0, 0, 1.5, 30), box(0, 0, 3.5, 30)], ["school"] * 3)
     assert (out.usable_area_m2 == 0).all() and (~out.suitable).all()
     assert "min_array_area_m2" in out.unsuitable_reason.iloc[0]
     assert out.unsuitable_reason.iloc[1] == "nothing left inside the edge setback"
+    # 1.5 m left inside the 1 m setback: narrower than a row of modules (1.8 m)
+    assert "min_array_width_m" in out.unsuitable_reason.iloc[2]
 
 
 def test_empty_frame_gives_the_columns():
-    out = roof_potential(frame([], []), RoofConfig(**ROOF), PolicyConfig(**POLICY))
-    assert len(out) == 0 and "capacity_kwp" in out.columns
+    out = run([], [])
+    assert len(out) == 0 and {"capacity_kwp", "azimuth_2_deg", "gcr"} <= set(out.columns)
 
 
 def test_capacity_kwp_units():

@@ -1,10 +1,12 @@
 """Scheduled reruns: drop folder, partition cache, change report, lock, kill safety, make.
 
 A tiny hand-made project: two square districts (Alpha, Beta) of 2 km, four
-40 m x 25 m factory roofs in each. Each roof: (40 - 2) x (25 - 2) = 874 m2
-inside the 1 m setback, x 0.8 factory utilisation x 0.6 GCR x 0.21 kWp/m2
-= 88.0992 kWp. Beta's target of 0.6 MW is not reachable from 4 roofs
-(0.352 MW) and reachable from 7 (0.617 MW).
+identical 40 m x 25 m flat factory roofs of the default height in each, 100 m
+apart. Each roof carries about 874 m2 (inside a 1 m setback) x 0.8 factory
+utilisation x 0.62 GCR (solstice rule) x 0.21 kWp/m2 = 91 kWp, so Beta's
+target of 0.6 MW is not reachable from its 4 roofs (0.37 MW) and reachable
+once 3 identical new roofs arrive (0.64 MW); the change report must show
+exactly those 3 roofs and a delta of 3 x the capacity of an existing one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from tests.conftest import ROOT
 
-ROOF_KWP = 38 * 23 * 0.8 * 0.6 * 210 / 1000  # 88.0992
 X0, Y0 = 350_000.0, 3_450_000.0  # EPSG:32651, near Shanghai
 CRS = "EPSG:32651"
 
@@ -70,6 +71,7 @@ def tiny_project(base: Path, epw: Path, grid_m: float | None = None) -> Path:
     cfg["weather"]["path"] = f"data/raw/weather/{epw.name}"
     cfg["targets"] = [{"id": "beta", "district_name": "Beta", "required_mw": 0.6,
                        "period": "2025", "source": "test"}]
+    cfg["heights"]["rasters"] = []  # heights from the default (no attribute, no raster)
     cfg["runs"]["partition_grid_m"] = grid_m
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
@@ -80,7 +82,8 @@ def drop_batch(base: Path, name: str = "batch1.gpkg") -> list[str]:
     """Three new factory roofs in Beta, in the drop folder; their building ids."""
     drop = base / "data/raw/drop"
     drop.mkdir(parents=True, exist_ok=True)
-    new = roofs(["n1", "n2", "n3"], X0 + 2100, Y0 + 500).rename(columns={"bid": "id"})
+    # east of b1..b4 on the same row: the same latitude, so the same row spacing
+    new = roofs(["n1", "n2", "n3"], X0 + 2500, Y0 + 100).rename(columns={"bid": "id"})
     new.to_file(drop / name)
     return [f"drop_{Path(name).stem}:{i}" for i in ("n1", "n2", "n3")]
 
@@ -276,8 +279,9 @@ def test_drop_file_recomputes_its_district_and_is_reported(tiny, tmp_path, iwec_
     assert second["previous_output_run"] == first["run_id"]
     assert second["drop_files"] == ["data/raw/drop/batch1.gpkg"]
     for stage, kernel in (("classify", "pipeline.classify.classify_buildings"),
-                          ("roof", "pipeline.roof.roof_potential"),
-                          ("yield", "pipeline.pvyield.join_yield")):
+                          ("roof", "pipeline.roof.roof_kernel"),
+                          ("shading", "pipeline.shading.shading_kernel"),
+                          ("yield", "pipeline.planes.join_plane_yield")):
         p = second["stages"][stage]["partitions"][kernel]
         assert p["computed_keys"] == ["900002"], (stage, p)  # Beta only
         assert p["reused"] == 1 and p["rows_computed"] == 7
@@ -285,11 +289,15 @@ def test_drop_file_recomputes_its_district_and_is_reported(tiny, tmp_path, iwec_
         "reused"] == 1  # the unchanged survey source
 
     gpkg = base / "outputs/rooftop_pv.gpkg"
+    first_buildings = pyogrio.read_dataframe(
+        base / "outputs/runs" / first["run_id"] / "rooftop_pv.gpkg", layer="buildings")
+    roof_kwp = first_buildings.set_index("building_id").loc["survey:b1", "capacity_kwp"]
+    assert 80 < roof_kwp < 100  # 874 m2 x 0.8 x ~0.62 x 0.21 kWp/m2
     ch = pyogrio.read_dataframe(gpkg, layer="changes")
     assert sorted(ch["building_id"]) == added and set(ch["change"]) == {"added"}
-    assert ch["capacity_kwp"].to_numpy() == pytest.approx([ROOF_KWP] * 3)
+    assert ch["capacity_kwp"].to_numpy() == pytest.approx([roof_kwp] * 3, rel=1e-5)
     d = pyogrio.read_dataframe(gpkg, layer="changes_districts").set_index("district_name")
-    assert d.loc["Beta", "capacity_delta_kwp"] == pytest.approx(3 * ROOF_KWP)
+    assert d.loc["Beta", "capacity_delta_kwp"] == pytest.approx(3 * roof_kwp, rel=1e-5)
     assert d.loc["Alpha", "capacity_delta_kwp"] == pytest.approx(0.0)
     assert d.loc["Beta", "target_verdict_previous"].startswith("not reachable")
     assert d.loc["Beta", "target_verdict"] == "reachable"
@@ -302,8 +310,7 @@ def test_drop_file_recomputes_its_district_and_is_reported(tiny, tmp_path, iwec_
     assert second["changes"]["added"] == 3
     assert second["changes"]["verdicts_flipped"] == ["Beta"]
     # previous outputs kept in their run folder
-    kept = base / "outputs/runs" / first["run_id"] / "rooftop_pv.gpkg"
-    assert len(pyogrio.read_dataframe(kept, layer="buildings")) == 8
+    assert len(first_buildings) == 8
 
     # the incremental result equals a cold run on the same inputs
     cold = tmp_path / "cold"
@@ -421,7 +428,7 @@ def test_second_make_all_does_no_stage_work(tiny, tmp_path):
     env = subprocess_env()
     first = subprocess.run([*args, "all"], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("-m pipeline run") == 5
+    assert first.stdout.count("-m pipeline run") == 6
     assert subprocess.run([*args, "-q", "all"], env=env).returncode == 0  # up to date
     again = subprocess.run([*args, "all"], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "-m pipeline run" not in again.stdout

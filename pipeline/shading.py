@@ -1,0 +1,586 @@
+"""Stage 4, shading: horizon of taller neighbours, annual irradiation loss, the 80% rule.
+
+Inputs and outputs
+
+===========================  ======  ==============================================
+column                       unit    meaning
+===========================  ======  ==============================================
+in: ``height_m``             m       building heights (roof stage)
+in: ``tilt_deg``,            deg     plane 1 and plane 2 orientations
+``azimuth_deg``,
+``azimuth_2_deg``
+in: capacities, areas        kWp,m2  roof-stage capacity and area columns
+in: weather                  --      typical year (:mod:`pipeline.weather`)
+out: ``horizon_max_deg``     deg     highest horizon elevation seen from the roof
+out: ``beam_loss_share``     -       share of the annual beam irradiation on
+                                     plane 1 blocked by neighbours
+out: ``unshaded_share``      -       annual irradiation on plane 1 with the
+                                     neighbours / without them
+out: ``unshaded_share_2``    -       the same for plane 2 (NaN: no plane 2)
+out: (updated) capacities,   --      planes below ``min_unshaded_share`` are
+``suitable``,                        dropped; a roof with no plane left is
+``unsuitable_reason``                unsuitable with the reason
+===========================  ======  ==============================================
+
+Method
+    *Horizon.* Every building is a potential obstacle, represented by its
+    minimum rotated rectangle and its height (the neighbour table is built
+    once by the driver from all buildings and broadcast, so neighbours in
+    other partitions count). For each roof, seen from its centroid at roof
+    height, the neighbours within ``radius_m`` that are at least
+    ``min_height_difference_m`` taller are found with an STRtree; each one
+    raises the horizon to ``atan(dh / d)`` (``d``: distance to its rectangle)
+    over the azimuth sectors (``horizon_sector_deg`` wide) that its
+    rectangle spans. Using the nearest distance for the whole span is
+    conservative for long oblique neighbours.
+
+    *Loss.* For each (tilt, azimuth) class (computed once per class, never
+    per building) the beam irradiance on the plane of every hour of the
+    weather file (``DNI cos(AOI)``, sun position at the time the hourly
+    values represent) is binned by sun azimuth sector and 1 deg of
+    elevation into cumulative tables. A roof's blocked beam is the sum over
+    sectors of the beam with the sun below that sector's horizon (linear in
+    the elevation within a bin). Sky diffuse (Perez, as in the yield stage)
+    is reduced by the isotropic share of the sky the horizon hides,
+    ``mean(sin^2(h))`` over the sectors; ground-reflected irradiance is
+    unchanged. ``unshaded_share = (B (1 - beam loss) + D (1 - sky loss) +
+    R) / (B + D + R)`` with the class's annual B, D, R on the plane.
+
+    *Suitability.* NREL (Gagnon et al. 2016) keeps roof planes that receive
+    at least 80% of the irradiation of an unshaded plane of the same
+    orientation (``min_unshaded_share``). A plane below it carries no PV;
+    if plane 1 fails and plane 2 passes, plane 2 becomes plane 1.
+
+    *Energy.* The yield stage multiplies each plane's class yield by its
+    ``unshaded_share``. The PVWatts ``shading_pct`` loss in the ``yield``
+    section therefore stands only for shading within the array (row to row
+    outside the solstice window, parapets), not for neighbouring buildings:
+    there is no double counting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
+    from pipeline.pvyield import YieldConfig
+    from pipeline.weather import Weather
+
+log = logging.getLogger(__name__)
+
+#: Columns of the broadcast neighbour table.
+NEIGHBOUR_COLUMNS = ("building_id", "x", "y", "height_m",
+                     "c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y")
+#: Elevation resolution of the cumulative beam tables [deg].
+ELEVATION_STEP_DEG = 1.0
+
+
+class ShadingConfig(BaseModel):
+    """Shading by neighbouring buildings (config section ``shading:``).
+
+    Attributes
+    ----------
+    radius_m : float
+        Neighbours farther than this from the roof centroid are ignored [m].
+    horizon_sector_deg : float
+        Width of the azimuth sectors of the horizon profile [deg]; divides 360.
+    min_height_difference_m : float
+        A neighbour counts if it is at least this much taller [m].
+    min_unshaded_share : float
+        Planes with a smaller share of their unshaded annual irradiation
+        carry no PV [-].
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    radius_m: float = Field(default=150.0, gt=0)
+    horizon_sector_deg: float = Field(default=10.0, gt=0, le=90)
+    min_height_difference_m: float = Field(default=1.0, ge=0)
+    min_unshaded_share: float = Field(default=0.8, ge=0, le=1)
+
+    @field_validator("horizon_sector_deg")
+    @classmethod
+    def _divides_360(cls, step: float) -> float:
+        n = 360.0 / step
+        if abs(n - round(n)) > 1e-9:
+            raise ValueError(f"horizon_sector_deg {step} must divide 360 (e.g. 5, 10, 15)")
+        return step
+
+
+@dataclass(frozen=True)
+class HorizonTable:
+    """Per-class irradiation tables for the horizon loss.
+
+    Attributes
+    ----------
+    keys : ndarray
+        Orientation class keys (``pipeline.pvyield._class_key``).
+    step_deg : float
+        Orientation class width [deg].
+    sector_deg : float
+        Horizon sector width [deg].
+    cum_beam : ndarray
+        Shape (classes, sectors, 92): annual beam on the plane with the sun
+        in the sector below ``j`` deg of elevation [kWh/m2].
+    beam, sky, ground : ndarray
+        Annual beam, sky-diffuse and ground-reflected irradiation on the
+        plane [kWh/m2].
+    """
+
+    keys: np.ndarray
+    step_deg: float
+    sector_deg: float
+    cum_beam: np.ndarray
+    beam: np.ndarray
+    sky: np.ndarray
+    ground: np.ndarray
+
+
+def plane_orientations(buildings: pd.DataFrame) -> pd.DataFrame:
+    """Tilt and azimuth of every plane (plane 1 and, where present, plane 2).
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        ``tilt_deg``, ``azimuth_deg``, ``azimuth_2_deg`` [deg].
+
+    Returns
+    -------
+    DataFrame
+        ``tilt_deg``, ``azimuth_deg`` [deg], one row per plane.
+    """
+    p1 = buildings[["tilt_deg", "azimuth_deg"]]
+    p2 = buildings.loc[buildings["azimuth_2_deg"].notna(), ["tilt_deg", "azimuth_2_deg"]]
+    p2 = p2.rename(columns={"azimuth_2_deg": "azimuth_deg"})
+    return pd.concat([p1, p2], ignore_index=True).astype(float)
+
+
+def horizon_table(classes: pd.DataFrame, weather: Weather, yield_cfg: YieldConfig,
+                  sector_deg: float) -> HorizonTable:
+    """Bin each class's hourly beam irradiance by sun azimuth sector and elevation.
+
+    Parameters
+    ----------
+    classes : DataFrame
+        Rounded ``tilt_deg``, ``azimuth_deg`` [deg]
+        (:func:`pipeline.pvyield.orientation_classes`).
+    weather : Weather
+        Checked typical-year weather.
+    yield_cfg : YieldConfig
+        Transposition model, albedo and ``orientation_step_deg``.
+    sector_deg : float
+        Horizon sector width [deg].
+
+    Returns
+    -------
+    HorizonTable
+        The cumulative tables and annual components per class.
+    """
+    from pvlib import irradiance
+
+    from pipeline.pvyield import _class_key, solar_geometry
+
+    step = yield_cfg.orientation_step_deg
+    tilt = classes["tilt_deg"].to_numpy(dtype=float)
+    az = classes["azimuth_deg"].to_numpy(dtype=float)
+    n_sec = int(round(360.0 / sector_deg))
+    n_el = int(round(90.0 / ELEVATION_STEP_DEG))
+    cum = np.zeros((len(tilt), n_sec, n_el + 2))
+    beam = np.zeros(len(tilt))
+    sky = np.zeros(len(tilt))
+    ground = np.zeros(len(tilt))
+    if len(tilt):
+        geom = solar_geometry(weather)
+        data = weather.data
+        zen = geom["apparent_zenith"].to_numpy()[:, None]
+        sun_az = geom["azimuth"].to_numpy()[:, None]
+        up = zen[:, 0] < 90.0
+        elev = 90.0 - zen[up, 0]
+        sector = np.floor(np.mod(sun_az[up, 0], 360.0) / sector_deg).astype(int) % n_sec
+        ebin = np.clip(np.floor(elev / ELEVATION_STEP_DEG).astype(int), 0, n_el - 1)
+        albedo = (yield_cfg.albedo if yield_cfg.albedo is not None
+                  else data["albedo"].to_numpy()[:, None])
+        col = lambda s: data[s].to_numpy(dtype=float)[:, None]  # noqa: E731
+        for start in range(0, len(tilt), 128):
+            sl = slice(start, start + 128)
+            irr = irradiance.get_total_irradiance(
+                tilt[None, sl], az[None, sl], zen, sun_az, dni=col("dni"), ghi=col("ghi"),
+                dhi=col("dhi"), dni_extra=geom["dni_extra"].to_numpy()[:, None],
+                airmass=geom["airmass"].to_numpy()[:, None], albedo=albedo,
+                model=yield_cfg.transposition_model)
+            direct = np.nan_to_num(np.asarray(irr["poa_direct"], dtype=float))
+            beam[sl] = direct.sum(axis=0) / 1000.0
+            sky[sl] = np.nan_to_num(np.asarray(irr["poa_sky_diffuse"], float)).sum(0) / 1000.0
+            ground[sl] = np.nan_to_num(np.asarray(irr["poa_ground_diffuse"], float)).sum(0) / 1000
+            hist = np.zeros((direct.shape[1], n_sec, n_el))
+            for c in range(direct.shape[1]):
+                np.add.at(hist[c], (sector, ebin), direct[up, c] / 1000.0)
+            cum[sl, :, 1:n_el + 1] = np.cumsum(hist, axis=2)
+        cum[:, :, n_el + 1] = cum[:, :, n_el]
+    return HorizonTable(keys=_class_key(tilt, az, step), step_deg=step, sector_deg=sector_deg,
+                        cum_beam=cum, beam=beam, sky=sky, ground=ground)
+
+
+def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
+    """Compact obstacle description of every building, broadcast to all partitions.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        ``building_id``, ``height_m`` [m], footprints in a metric CRS.
+
+    Returns
+    -------
+    DataFrame
+        ``building_id``, centroid ``x``, ``y`` [m], ``height_m`` [m] and the
+        corners ``c0x`` ... ``c3y`` [m] of the minimum rotated rectangle.
+    """
+    geoms = np.asarray(buildings.geometry.array, dtype=object)
+    n = len(geoms)
+    corners = np.zeros((n, 4, 2))
+    if n:
+        rect = shapely.oriented_envelope(geoms)
+        coords, idx = shapely.get_coordinates(rect, return_index=True)
+        counts = np.bincount(idx, minlength=n)
+        starts = np.cumsum(counts) - counts
+        take = np.minimum(np.arange(4)[None, :], np.maximum(counts[:, None] - 1, 0))
+        corners = coords[np.minimum(starts[:, None] + take, len(coords) - 1)]
+    cent = shapely.centroid(geoms)
+    out = pd.DataFrame({"building_id": buildings["building_id"].to_numpy(),
+                        "x": shapely.get_x(cent) if n else np.zeros(0),
+                        "y": shapely.get_y(cent) if n else np.zeros(0),
+                        "height_m": buildings["height_m"].to_numpy(dtype=float)})
+    for k in range(4):
+        out[f"c{k}x"] = corners[:, k, 0]
+        out[f"c{k}y"] = corners[:, k, 1]
+    return out
+
+
+def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
+                             ) -> np.ndarray:
+    """Distance from points to convex quadrilaterals (0 inside).
+
+    Parameters
+    ----------
+    px, py : ndarray
+        Points [m], shape (m,).
+    corners : ndarray
+        Corners in ring order [m], shape (m, 4, 2).
+
+    Returns
+    -------
+    ndarray
+        Distance [m].
+    """
+    a = corners
+    ab = np.roll(corners, -1, axis=1) - a
+    ap = np.stack([px, py], axis=-1)[:, None, :] - a
+    len2 = (ab ** 2).sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
+    dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
+    cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
+    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+    return np.where(inside, 0.0, dist)
+
+
+def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.ndarray,
+                    neighbours: pd.DataFrame, cfg: ShadingConfig) -> np.ndarray:
+    """Horizon elevation per azimuth sector seen from each roof.
+
+    Parameters
+    ----------
+    x, y : ndarray
+        Roof centroids [m].
+    height_m : ndarray
+        Roof heights [m].
+    ids : ndarray
+        ``building_id`` of the roofs (a roof does not shade itself).
+    neighbours : DataFrame
+        :func:`neighbour_table` of all buildings.
+    cfg : ShadingConfig
+        Radius, sector width and height threshold.
+
+    Returns
+    -------
+    ndarray
+        Shape (roofs, sectors): horizon elevation [deg], sector ``k`` covering
+        azimuths ``[k w, (k + 1) w)`` clockwise from north; 0 where open.
+    """
+    n_sec = int(round(360.0 / cfg.horizon_sector_deg))
+    horizon = np.zeros((len(x), n_sec))
+    if len(x) == 0 or neighbours.empty:
+        return horizon
+    r = cfg.radius_m
+    nb = neighbours
+    near = ((nb["x"] > np.nanmin(x) - r - 1e3) & (nb["x"] < np.nanmax(x) + r + 1e3)
+            & (nb["y"] > np.nanmin(y) - r - 1e3) & (nb["y"] < np.nanmax(y) + r + 1e3)
+            & (nb["height_m"] >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    nb = nb[near.to_numpy()]
+    if nb.empty:
+        return horizon
+    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
+    rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
+    # envelope query (cheap), the exact distance filter follows on the taller pairs only
+    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
+    nb_h = nb["height_m"].to_numpy(dtype=float)
+    dh = nb_h[j] - height_m[i]
+    keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
+    i, j, dh = i[keep], j[keep], dh[keep]
+    if len(i) == 0:
+        return horizon
+    d = point_rectangle_distance(x[i], y[i], c[j])
+    nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
+    inside = d <= 1e-9
+    within = d <= r
+    d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
+    ok = within & (d > 1e-9)
+    i, j, dh, d, c_ij, inside = i[ok], j[ok], dh[ok], d[ok], c[j[ok]], inside[ok]
+    nx, ny = nx[ok], ny[ok]
+    elev = np.degrees(np.arctan2(dh, d))
+    az0 = np.degrees(np.arctan2(nx - x[i], ny - y[i]))
+    az_c = np.degrees(np.arctan2(c_ij[:, :, 0] - x[i, None], c_ij[:, :, 1] - y[i, None]))
+    rel = np.mod(az_c - az0[:, None] + 180.0, 360.0) - 180.0
+    lo = np.where(inside, 0.0, az0 + rel.min(axis=1))
+    hi = np.where(inside, 360.0 - 1e-9, az0 + rel.max(axis=1))
+    w = cfg.horizon_sector_deg
+    first = np.floor(lo / w).astype(np.int64)
+    count = np.minimum(np.floor(hi / w).astype(np.int64) - first + 1, n_sec)
+    rep = np.repeat(np.arange(len(i)), count)
+    offset = np.arange(len(rep)) - np.repeat(np.cumsum(count) - count, count)
+    sector = np.mod(first[rep] + offset, n_sec)
+    np.maximum.at(horizon, (i[rep], sector), elev[rep])
+    return horizon
+
+
+def unshaded_share(horizon: np.ndarray, tilt_deg: np.ndarray, azimuth_deg: np.ndarray,
+                   table: HorizonTable) -> tuple[np.ndarray, np.ndarray]:
+    """Annual irradiation share a plane keeps under its horizon.
+
+    Parameters
+    ----------
+    horizon : ndarray
+        (roofs, sectors) horizon elevations [deg] (:func:`horizon_profile`).
+    tilt_deg, azimuth_deg : ndarray
+        Plane orientation per roof [deg]; NaN = no plane.
+    table : HorizonTable
+        Class tables covering these orientations.
+
+    Returns
+    -------
+    share, beam_loss : ndarray, ndarray
+        Irradiation with the horizon / without [-], and the blocked share of
+        the beam [-]; NaN where the plane is missing.
+    """
+    from pipeline.pvyield import _class_key
+
+    n = len(horizon)
+    share = np.full(n, np.nan)
+    beam_loss = np.full(n, np.nan)
+    key = _class_key(tilt_deg, azimuth_deg, table.step_deg)
+    pos = pd.Index(table.keys).get_indexer(key) if n else np.zeros(0, dtype=int)
+    has = (key >= 0) & (pos >= 0)
+    if (key >= 0).sum() != has.sum():
+        raise ValueError("unshaded_share: an orientation class is missing from the table")
+    if not has.any():
+        return share, beam_loss
+    h = np.clip(horizon[has], 0.0, 90.0) / ELEVATION_STEP_DEG
+    j0 = np.floor(h).astype(int)
+    frac = h - j0
+    p = pos[has][:, None]
+    k = np.arange(horizon.shape[1])[None, :]
+    cum = table.cum_beam
+    blocked = (cum[p, k, j0] + frac * (cum[p, k, j0 + 1] - cum[p, k, j0])).sum(axis=1)
+    b, d, g = table.beam[pos[has]], table.sky[pos[has]], table.ground[pos[has]]
+    sky_loss = np.mean(np.sin(np.radians(np.clip(horizon[has], 0, 90))) ** 2, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bl = np.where(b > 0, blocked / b, 0.0)
+        total = b + d + g
+        sh = np.where(total > 0, (b - blocked + d * (1 - sky_loss) + g) / total, 1.0)
+    beam_loss[has] = np.clip(bl, 0.0, 1.0)
+    share[has] = np.clip(sh, 0.0, 1.0)
+    return share, beam_loss
+
+
+def shading_kernel(part: gpd.GeoDataFrame, neighbours: pd.DataFrame, table: HorizonTable,
+                   cfg: ShadingConfig) -> gpd.GeoDataFrame:
+    """Kernel: horizon, irradiation loss and the minimum-share rule per roof.
+
+    Parameters
+    ----------
+    part : GeoDataFrame
+        Roof-stage buildings.
+    neighbours : DataFrame
+        :func:`neighbour_table` of all buildings (not only this partition).
+    table : HorizonTable
+        :func:`horizon_table` of all plane orientations.
+    cfg : ShadingConfig
+        Radius, sectors, thresholds.
+
+    Returns
+    -------
+    GeoDataFrame
+        ``part`` with the shading columns and the capacities, areas and
+        suitability updated by the rule.
+    """
+    out = part.copy()
+    n = len(out)
+    cent = shapely.centroid(np.asarray(out.geometry.array, dtype=object))
+    x = shapely.get_x(cent) if n else np.zeros(0)
+    y = shapely.get_y(cent) if n else np.zeros(0)
+    height = out["height_m"].to_numpy(dtype=float)
+    horizon = horizon_profile(x, y, height, out["building_id"].to_numpy(), neighbours, cfg)
+    tilt = out["tilt_deg"].to_numpy(dtype=float)
+    az1 = out["azimuth_deg"].to_numpy(dtype=float)
+    az2 = out["azimuth_2_deg"].to_numpy(dtype=float)
+    s1, bl1 = unshaded_share(horizon, tilt, az1, table)
+    s2, bl2 = unshaded_share(horizon, np.where(np.isfinite(az2), tilt, np.nan), az2, table)
+
+    cols = {c: out[c].to_numpy(dtype=float).copy() for c in (
+        "usable_area_m2", "module_area_m2", "capacity_kwp", "usable_area_2_m2",
+        "capacity_2_kwp", "policy_area_m2", "capacity_policy_kwp", "capacity_policy_2_kwp")}
+    usable = cols["usable_area_m2"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kwp_per_m2 = np.where(usable > 0, cols["capacity_kwp"] / usable, 0.0)
+        module_per_m2 = np.where(usable > 0, cols["module_area_m2"] / usable, 0.0)
+    limit = cfg.min_unshaded_share
+    has2 = np.isfinite(az2) & (cols["usable_area_2_m2"] > 0)
+    ok1 = (usable - cols["usable_area_2_m2"] > 0) & (s1 >= limit)
+    ok2 = has2 & (s2 >= limit)
+    u1 = np.where(ok1, usable - cols["usable_area_2_m2"], 0.0)
+    u2 = np.where(ok2, cols["usable_area_2_m2"], 0.0)
+    swap = ~ok1 & ok2  # plane 2 becomes plane 1
+    new_u1 = np.where(swap, u2, u1)
+    new_u2 = np.where(swap, 0.0, u2)
+    new_usable = new_u1 + new_u2
+    policy = np.minimum(cols["policy_area_m2"], new_usable)
+    policy_2 = np.maximum(policy - new_u1, 0.0)
+    shaded_out = (usable > 0) & (new_usable <= 0)
+
+    out["horizon_max_deg"] = horizon.max(axis=1) if n else np.zeros(0)
+    out["beam_loss_share"] = np.where(swap, bl2, bl1)
+    out["unshaded_share"] = np.where(swap, s2, s1)
+    out["unshaded_share_2"] = np.where(ok2 & ~swap, s2, np.nan)
+    out["azimuth_deg"] = np.where(swap, az2, az1)
+    out["azimuth_2_deg"] = np.where(ok2 & ~swap, az2, np.nan)
+    out["usable_area_m2"] = new_usable
+    out["module_area_m2"] = new_usable * module_per_m2
+    out["capacity_kwp"] = new_usable * kwp_per_m2
+    out["usable_area_2_m2"] = new_u2
+    out["capacity_2_kwp"] = new_u2 * kwp_per_m2
+    out["policy_area_m2"] = policy
+    out["capacity_policy_kwp"] = policy * kwp_per_m2
+    out["capacity_policy_2_kwp"] = policy_2 * kwp_per_m2
+    out["suitable"] = new_usable > 0
+    reason = out["unsuitable_reason"].astype(object).to_numpy().copy()
+    worst = np.where(has2, np.fmax(s1, s2), s1)
+    reason[shaded_out] = [
+        f"shaded by neighbours: {v:.0%} of the unshaded irradiation, below "
+        f"shading.min_unshaded_share = {limit:.0%}" for v in worst[shaded_out]]
+    out["unsuitable_reason"] = pd.Series(reason, index=out.index, dtype="object")
+    return out
+
+
+def neighbours_in_reach(buildings: gpd.GeoDataFrame, groups: list[np.ndarray],
+                        neighbours: pd.DataFrame, table: HorizonTable, cfg: ShadingConfig
+                        ) -> list[np.ndarray]:
+    """Rows of the neighbour table that can shade each group of roofs.
+
+    For the partition cache (``pipeline.incremental``): a roof's horizon
+    depends only on the neighbours whose rectangle envelope meets the square
+    of half-side ``radius_m`` around its centroid (the query in
+    :func:`horizon_profile`); this returns a superset of those per group.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        All roofs of the call.
+    groups : list of ndarray
+        Positions of the roofs of each partition.
+    neighbours : DataFrame
+        :func:`neighbour_table` of all buildings.
+    table : HorizonTable
+        Unused (same signature as :func:`shading_kernel`).
+    cfg : ShadingConfig
+        ``radius_m`` [m].
+
+    Returns
+    -------
+    list of ndarray
+        Row positions in ``neighbours``, one array per group.
+    """
+    cent = shapely.centroid(np.asarray(buildings.geometry.array, dtype=object))
+    x, y = shapely.get_x(cent), shapely.get_y(cent)
+    c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy()
+    env = shapely.box(c[:, 0::2].min(axis=1), c[:, 1::2].min(axis=1),
+                      c[:, 0::2].max(axis=1), c[:, 1::2].max(axis=1))
+    tree = shapely.STRtree(env)
+    r = cfg.radius_m
+    out = []
+    for pos in groups:
+        gx, gy = x[pos], y[pos]
+        if len(pos) == 0 or np.isnan(gx).all():
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        box = shapely.box(np.nanmin(gx) - r, np.nanmin(gy) - r, np.nanmax(gx) + r,
+                          np.nanmax(gy) + r)
+        out.append(np.sort(tree.query(box)))
+    return out
+
+
+#: the partition cache keys a partition by the neighbours within reach only
+shading_kernel.partition_context = (0, neighbours_in_reach)
+
+
+def run(cfg: PipelineConfig, base_dir: Path) -> dict:
+    """Shading stage runner: roof buildings in, shaded roof buildings out.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration (``shading``, ``weather``, ``yield``).
+    base_dir : Path
+        Project root.
+
+    Returns
+    -------
+    dict
+        Rows in and out, roofs made unsuitable by shading, capacity
+        before and after [kWp], duration [s].
+    """
+    from pipeline.io import write_parquet_atomic
+    from pipeline.parallel import map_partitions
+    from pipeline.pvyield import orientation_classes
+    from pipeline.weather import read_weather
+
+    t0 = time.perf_counter()
+    d = base_dir / cfg.paths.processed_dir
+    buildings = gpd.read_parquet(d / "roof_buildings.parquet")
+    weather = read_weather(cfg.weather, base_dir)
+    step = cfg.yield_.orientation_step_deg
+    classes = orientation_classes(plane_orientations(buildings), step)
+    table = horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
+    neighbours = neighbour_table(buildings)
+    out = map_partitions(buildings, shading_kernel, neighbours, table, cfg.shading)
+    write_parquet_atomic(out, d / "shading_buildings.parquet")
+    newly = int((buildings["suitable"].to_numpy() & ~out["suitable"].to_numpy()).sum())
+    stats = {"rows_in": len(buildings), "rows_out": len(out), "shaded_out": newly,
+             "capacity_before_kwp": float(buildings["capacity_kwp"].sum()),
+             "capacity_after_kwp": float(out["capacity_kwp"].sum()),
+             "duration_s": time.perf_counter() - t0}
+    log.info("shading: %d buildings in, %d out, %d classes, %d roofs below %.0f%% unshaded, "
+             "%.1f -> %.1f MWp, %.1f s", stats["rows_in"], stats["rows_out"], len(classes),
+             newly, 100 * cfg.shading.min_unshaded_share, stats["capacity_before_kwp"] / 1000,
+             stats["capacity_after_kwp"] / 1000, stats["duration_s"])
+    return stats
