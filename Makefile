@@ -19,10 +19,19 @@ RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(S
 # new building files in the drop folder (and the folder, whose mtime changes when one is removed)
 DROP_FILES = $(wildcard $(RAW)/drop $(RAW)/drop/*)
 COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
+# system packages (Debian): root runs apt-get directly, others through sudo; never prompts
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get -q -y \
+	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
+CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+QGIS_PY ?= /usr/bin/python3
+REPORT_OUT := $(OUT)/rooftop_pv.gpkg $(OUT)/report.md $(OUT)/report.html $(OUT)/rooftop_pv.xlsx
+REPORT_PY := pipeline/report.py pipeline/deliverables.py pipeline/targets.py pipeline/styles.py \
+	pipeline/html_report.py pipeline/workbook.py pipeline/provenance.py
 
-.PHONY: all install data ingest classify roof shading yield report test lint clean distclean
+.PHONY: all install data fonts ingest classify roof shading yield report test lint qgis-check \
+	clean distclean
 
-all: $(OUT)/rooftop_pv.gpkg $(OUT)/report.md
+all: $(REPORT_OUT)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +50,13 @@ $(SAMPLE_STAMP): $(shell find $(SAMPLE_DIR) -type f 2>/dev/null) | $(VENV)/.inst
 
 $(EPW): | $(VENV)/.installed
 	$(PY) -m pipeline.data fetch-epw --out $@
+
+# ---- the CJK font of the charts (Chinese district names): Debian fonts-wqy-microhei
+fonts: $(CJK_FONT)
+$(CJK_FONT):
+	$(APT) update
+	$(APT) install --no-install-recommends fonts-wqy-microhei
+	test -f $@
 
 # ---- stages: GeoParquet between stages, GeoPackage at the end
 ingest: $(PROC)/ingest_buildings.parquet
@@ -71,17 +87,24 @@ $(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/shading_bui
 		$(EPW) pipeline/pvyield.py pipeline/planes.py pipeline/weather.py $(COMMON)
 	$(RUN) --stage yield
 
-report: $(OUT)/rooftop_pv.gpkg
-$(OUT)/rooftop_pv.gpkg $(OUT)/report.md &: $(PROC)/yield_buildings.parquet \
-		$(PROC)/ingest_rejected.parquet pipeline/report.py pipeline/roof_report.py \
-		pipeline/changes.py $(COMMON)
+report: $(REPORT_OUT)
+$(REPORT_OUT) &: $(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv \
+		$(PROC)/ingest_rejected.parquet $(REPORT_PY) pipeline/roof_report.py \
+		pipeline/changes.py $(COMMON) | $(CJK_FONT)
 	$(RUN) --stage report
+
+# ---- the GeoPackage in the real client: PyQGIS (Debian python3-qgis, system python3), headless
+qgis-check: $(OUT)/rooftop_pv.gpkg
+	@if ! $(QGIS_PY) -c "import qgis.core" 2>/dev/null; then \
+		echo "installing python3-qgis (Debian)"; \
+		$(APT) update && $(APT) install --no-install-recommends python3-qgis; fi
+	QT_QPA_PLATFORM=offscreen $(QGIS_PY) -m pipeline.qgis_check $< --png $(OUT)/qgis_check.png
 
 # ---- checks
 lint: $(VENV)/.installed
 	$(PY) -m ruff check pipeline tests $(wildcard bench)
 
-test: $(VENV)/.installed data lint
+test: $(VENV)/.installed data lint | $(CJK_FONT)
 	$(PY) -m pytest
 
 clean:

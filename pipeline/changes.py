@@ -344,6 +344,17 @@ def markdown(changes: pd.DataFrame, deltas: pd.DataFrame, previous_run: str | No
     return "\n".join(lines)
 
 
+def run_provenance() -> dict[str, str]:
+    """``run_id`` and ``previous_run_id`` of the run in progress (empty outside a run)."""
+    from pipeline import runs
+
+    record = runs.current()
+    if record is None:
+        return {}
+    return {"run_id": record.run_id,
+            "previous_run_id": record.previous_dir.name if record.previous_dir else ""}
+
+
 def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.DataFrame
                    ) -> tuple[dict[str, pd.DataFrame], str]:
     """The report stage's hook: layers ``changes``, ``changes_districts``, ``run``.

@@ -25,6 +25,7 @@ from pipeline.heights import HeightsConfig
 from pipeline.pvyield import YieldConfig
 from pipeline.runs import RunsConfig
 from pipeline.shading import ShadingConfig
+from pipeline.targets import PlanConfig
 from pipeline.weather import WeatherConfig
 
 BuildingType = Literal[
@@ -211,9 +212,10 @@ class TargetConfig(_Model):
 
 
 class ReportConfig(_Model):
-    """What the report says about the input's coverage."""
+    """What the report says about the input's coverage, and its CJK font."""
 
     coverage_caveat: str
+    cjk_font_files: list[Path] = Field(min_length=1)
 
 
 class PipelineConfig(_Model):
@@ -234,6 +236,7 @@ class PipelineConfig(_Model):
     yield_: YieldConfig = Field(alias="yield")
     policy: PolicyConfig
     targets: list[TargetConfig]
+    plan: PlanConfig
     report: ReportConfig
     runs: RunsConfig = RunsConfig()
 

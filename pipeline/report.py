@@ -271,7 +271,9 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = "{:,.1f}") -> str:
     return "\n".join([head, sep, *body])
 
 
-def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
+def write_geopackage(path: Path, layers: dict[str, pd.DataFrame],
+                     layer_options: dict[str, dict] | None = None,
+                     dataset_metadata: dict[str, str] | None = None) -> None:
     """Write layers to a GeoPackage atomically (all layers, or nothing).
 
     Parameters
@@ -280,12 +282,24 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame]) -> None:
         The GeoPackage.
     layers : dict
         Layer name to (Geo)DataFrame; plain DataFrames become attribute tables.
+    layer_options : dict, optional
+        Layer name to GDAL GPKG layer creation options (``DESCRIPTION``, ``FID``).
+    dataset_metadata : dict, optional
+        GDAL dataset metadata, stored in ``gpkg_metadata``.
     """
     import pyogrio
 
+    layer_options = layer_options or {}
     with atomic_path(path) as tmp:
-        for name, frame in layers.items():
+        for i, (name, frame) in enumerate(layers.items()):
             kwargs: dict = {"layer": name, "driver": "GPKG"}
+            if name in layer_options:
+                kwargs["layer_options"] = layer_options[name]
+            if i == 0:
+                # GeoPackage 1.2: read without warnings by older GDAL/QGIS (Debian 12: 3.6/3.22)
+                kwargs["dataset_options"] = {"VERSION": "1.2"}
+                if dataset_metadata:
+                    kwargs["dataset_metadata"] = dataset_metadata
             if isinstance(frame, gpd.GeoDataFrame):
                 types = set(frame.geometry.dropna().geom_type)
                 if not types <= {"Polygon", "MultiPolygon"}:
@@ -310,7 +324,11 @@ def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
 
 
 def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
-    """Report stage runner: write ``rooftop_pv.gpkg`` and ``report.md``.
+    """Report stage runner: GeoPackage, Markdown and HTML reports, workbook.
+
+    Writes ``rooftop_pv.gpkg`` (styled for QGIS, with provenance),
+    ``report.md``, ``report.html`` and ``rooftop_pv.xlsx``; the plan
+    (existing PV, ranked roofs, town split, CO2) is :mod:`pipeline.deliverables`.
 
     Parameters
     ----------
@@ -326,37 +344,93 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     dict
         The targets table as records.
     """
+    from pipeline import deliverables as dv
+    from pipeline.html_report import register_cjk_font
+    from pipeline.provenance import metadata_items, provenance
+    from pipeline.pvyield import monthly_profile
+    from pipeline.targets import district_extras
+    from pipeline.workbook import write_workbook
+
     t0 = time.perf_counter()
+    font = register_cjk_font(cfg.report.cjk_font_files)  # fail before writing anything
     proc = base_dir / cfg.paths.processed_dir
     outdir = base_dir / cfg.paths.outputs_dir
     buildings = gpd.read_parquet(proc / "yield_buildings.parquet")
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
+    classes = pd.read_csv(proc / "yield_classes.csv")
     kept = sum(a["kept"] for a in accounting.values())
     if kept != len(buildings):
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
     districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
-    targets = target_table(buildings, cfg.targets)
-    dlayer = district_layer(districts, buildings, cfg.policy, targets)
+    prov = provenance(cfg, config_path, base_dir)
+    prov.update(changes.run_provenance())  # run id of pipeline.runs, when in a run
+    plan = dv.prepare_plan(cfg, base_dir, buildings, districts)
+    buildings, targets = plan.buildings, plan.targets
+    dlayer = district_extras(district_layer(districts, buildings, cfg.policy, targets), targets,
+                             cfg.plan.grid_emission_factor_t_co2_per_mwh)
     by_type = summarise(buildings, ["district_name", "building_type"])
     layers = {
         "buildings": buildings,
         "districts": dlayer,
         "targets": pd.DataFrame(targets),
         "district_types": by_type,
+        "target_plan": plan.plan,
         "rejected": rejected,
     }
+    if plan.towns is not None:
+        layers["towns"] = plan.towns
+        layers["town_targets"] = plan.split
+    if plan.systems is not None:
+        layers["existing_pv"] = plan.systems
     change_layers, change_md = changes.report_changes(cfg, buildings, dlayer)
     layers.update(change_layers)
-    write_geopackage(outdir / "rooftop_pv.gpkg", layers)
+    layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n)
+    write_geopackage(outdir / "rooftop_pv.gpkg", layers, options, metadata_items(prov))
+    monthly = monthly_profile(buildings, classes, by="district_name",
+                              step_deg=cfg.yield_.orientation_step_deg)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
-                         base_dir) + "\n" + change_md
+                         base_dir)
+    md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov) + "\n" + change_md
     with atomic_path(outdir / "report.md") as tmp:
         tmp.write_text(md, encoding="utf-8")
-    log.info("report: %d buildings, %d districts, %d targets, %d rejected in %.1f s",
-             len(buildings), len(dlayer), len(targets), len(rejected), time.perf_counter() - t0)
+    table = assumptions(config_path, ASSUMPTION_SECTIONS)
+    dv.write_html(outdir / "report.html", cfg, plan, dlayer, by_type, monthly, accounting,
+                  table, rule_view(cfg, dlayer), prov, font)
+    write_workbook(outdir / "rooftop_pv.xlsx",
+                   dv.workbook_sheets(plan, dlayer, by_type, table, prov))
+    log.info("report: %d buildings, %d districts, %d targets, %d ranked roofs, %d rejected "
+             "in %.1f s", len(buildings), len(dlayer), len(targets), len(plan.plan),
+             len(rejected), time.perf_counter() - t0)
     return {"targets": targets.to_dict("records")}
+
+
+#: Config sections whose keys the reports list as assumptions.
+ASSUMPTION_SECTIONS = ("ingest", "heights", "roof", "shading", "policy", "weather", "yield",
+                       "plan")
+
+
+def rule_view(cfg: PipelineConfig, dlayer: gpd.GeoDataFrame) -> pd.DataFrame:
+    """The coverage-rule rows worth showing: districts with rule buildings or a target.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration.
+    dlayer : GeoDataFrame
+        Output of :func:`district_layer`.
+
+    Returns
+    -------
+    DataFrame
+        ``district_name`` and the ``rule_*`` columns.
+    """
+    rule_cols = ["district_name", "rule_n_buildings", "rule_footprint_area_m2",
+                 "rule_usable_area_m2", "rule_usable_share", "rule_n_below_share", "rule_verdict"]
+    view = dlayer[dlayer["rule_n_buildings"] > 0][rule_cols]
+    named = dlayer[dlayer["district_name"].isin([t.district_name for t in cfg.targets])][rule_cols]
+    return pd.DataFrame(pd.concat([view, named]).drop_duplicates("district_name"))
 
 
 def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFrame,
@@ -405,12 +479,7 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
         "",
     ]
     active = dlayer[dlayer["n_buildings"] > 0]
-    rule_cols = ["district_name", "rule_n_buildings", "rule_footprint_area_m2",
-                 "rule_usable_area_m2", "rule_usable_share", "rule_n_below_share", "rule_verdict"]
-    rule_view = dlayer[dlayer["rule_n_buildings"] > 0][rule_cols]
-    named = dlayer[dlayer["district_name"].isin([t.district_name for t in cfg.targets])][rule_cols]
-    rule_view = pd.concat([rule_view, named]).drop_duplicates("district_name")
-    lines += [_md_table(pd.DataFrame(rule_view), floatfmt="{:,.2f}"), ""]
+    lines += [_md_table(rule_view(cfg, dlayer), floatfmt="{:,.2f}"), ""]
     lines += ["## Districts", "",
               _md_table(pd.DataFrame(active[["district_name", *SUMMARY_COLUMNS]])), "",
               "## By district and building type", "", _md_table(by_type), ""]
@@ -438,7 +507,6 @@ def render_markdown(cfg: PipelineConfig, config_path: Path, buildings: pd.DataFr
     lines += roof_sections(buildings, _md_table, cfg.shading.min_unshaded_share)
     lines += ["## Assumptions", "",
               "Each value is a key of the config; its source is the comment beside it.", "",
-              _md_table(assumptions(config_path, ("ingest", "heights", "roof", "shading",
-                                                  "policy", "weather", "yield"))),
+              _md_table(assumptions(config_path, ASSUMPTION_SECTIONS)),
               ""]
     return "\n".join(lines)

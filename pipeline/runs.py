@@ -19,7 +19,7 @@ Each run
    out per stage, durations, kernel partitions computed and reused, host)
    and a log file ``run.log`` beside it;
 6. keeps the outputs of the last ``runs.keep_runs`` runs that wrote them
-   (copies of ``rooftop_pv.gpkg`` and ``report.md``, and the snapshot the
+   (copies of the GeoPackage, the reports and the workbook, and the snapshot the
    next run's change report compares against) and deletes older run folders.
 
 Exit codes of ``rooftop-pv run``: :data:`EXIT_OK` (done, or nothing to do),
@@ -69,7 +69,7 @@ STAMPS_DIR = ".stamps"
 CACHE_DIR = "cache"
 HISTORY = "history.log"
 #: Files a run keeps in its run folder (copies of the outputs it wrote).
-KEPT_OUTPUTS = ("rooftop_pv.gpkg", "report.md")
+KEPT_OUTPUTS = ("rooftop_pv.gpkg", "report.md", "report.html", "rooftop_pv.xlsx")
 SNAPSHOT_BUILDINGS = "snapshot_buildings.parquet"
 SNAPSHOT_DISTRICTS = "snapshot_districts.parquet"
 PACKAGES = ("numpy", "pandas", "geopandas", "shapely", "pyogrio", "pyarrow", "pyproj",
@@ -290,7 +290,7 @@ def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
         inputs = [proc / "yield_buildings.parquet", proc / "ingest_rejected.parquet",
                   proc / "ingest_accounting.json", proc / "classify_evaluation.md", districts,
                   Path(config_path)]
-        outputs = [out / "rooftop_pv.gpkg", out / "report.md"]
+        outputs = [out / name for name in KEPT_OUTPUTS]
         sections = ()
     else:
         raise ValueError(f"unknown stage {stage!r}")

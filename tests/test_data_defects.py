@@ -24,7 +24,7 @@ from pipeline.dedup import find_duplicates, richness
 from pipeline.errors import InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.ingest import assign_districts, normalise_footprints
-from pipeline.pvyield import join_yield
+from pipeline.pvyield import join_yield, orientation_classes
 from pipeline.roof import roof_potential
 
 FAST = settings(max_examples=15, deadline=None,
@@ -176,12 +176,9 @@ def rect_strategy():
 
 
 def roof_cfg(density: float) -> RoofConfig:
-    return RoofConfig(module_power_density_w_per_m2=density, setback_flat_m=1.0,
-                      setback_pitched_m=0.5, utilisation_flat_by_type={"default": 0.7},
-                      utilisation_pitched_by_type={"default": 0.5}, min_array_area_m2=10.0,
-                      flat_tilt_deg=20, flat_azimuth_deg=180, flat_gcr=0.6,
-                      pitched_tilt_deg=25, pitched_azimuth_deg=180, pitched_gcr=1.0,
-                      roof_kind_by_roof_shape={"gabled": "pitched"})
+    from tests.test_roof import ROOF
+
+    return RoofConfig(**{**ROOF, "module_power_density_w_per_m2": density})
 
 
 POLICY = PolicyConfig(coverage_share_by_type={"school": 0.5}, coverage_rule_types=["school"],
@@ -198,14 +195,14 @@ def test_roof_and_energy_properties(rows, density, factor, specific_yield):
                              "building_type": list(types)}, geometry=list(geoms),
                             crs="EPSG:32651")
     part["footprint_area_m2"] = part.area
+    part["height_m"] = 10.0
     lo = roof_potential(part, roof_cfg(density), POLICY)
     hi = roof_potential(part, roof_cfg(min(density * factor, 400)), POLICY)
     assert (lo.usable_area_m2 <= lo.footprint_area_m2 + 1e-9).all()
     assert (lo.policy_area_m2 <= lo.usable_area_m2 + 1e-9).all()
     assert (lo.capacity_kwp >= 0).all() and (lo.capacity_policy_kwp >= 0).all()
     assert (hi.capacity_kwp >= lo.capacity_kwp - 1e-9).all()
-    table = pd.DataFrame({"tilt_deg": [20.0, 25.0], "azimuth_deg": [180.0, 180.0],
-                          "specific_yield_kwh_per_kwp": [specific_yield] * 2})
+    table = orientation_classes(lo, 1.0).assign(specific_yield_kwh_per_kwp=specific_yield)
     e_lo, e_hi = join_yield(lo, table, 1.0), join_yield(hi, table, 1.0)
     assert (e_lo.energy_mwh_per_year >= 0).all()
     assert (e_hi.energy_mwh_per_year >= e_lo.energy_mwh_per_year - 1e-9).all()

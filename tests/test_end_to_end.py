@@ -78,3 +78,44 @@ def test_serial_run_equals_threaded_run(threaded, sample, iwec_epw, tmp_path_fac
         a = gpd.read_parquet(threaded / "data/processed" / name)
         s = gpd.read_parquet(base / "data/processed" / name)
         pd.testing.assert_frame_equal(a, s)
+
+
+@pytest.mark.slow
+def test_planner_deliverables(threaded):
+    """Styled GeoPackage, workbook equal to its tables, self-contained HTML, plan in Markdown."""
+    import sqlite3
+
+    from openpyxl import load_workbook
+
+    out = threaded / "outputs"
+    gpkg = out / "rooftop_pv.gpkg"
+    with sqlite3.connect(gpkg) as con:
+        styled = {r[0] for r in con.execute("SELECT f_table_name FROM layer_styles "
+                                            "WHERE useAsDefault")}
+        md = con.execute("SELECT metadata FROM gpkg_metadata").fetchall()
+    assert {"buildings", "districts", "rejected", "target_plan", "targets"} <= styled
+    assert any("ROOFTOP_PV_INPUTS" in m[0] and "districts_wgs84.geojson" in m[0] for m in md)
+    wb = load_workbook(out / "rooftop_pv.xlsx", read_only=True)
+    for sheet in ("targets", "district_types", "districts"):
+        rows = list(wb[sheet].values)
+        book = pd.DataFrame(rows[1:], columns=rows[0])
+        gp = pyogrio.read_dataframe(gpkg, layer=sheet, read_geometry=False)
+        assert list(book.columns) == list(gp.columns)
+        for col in gp.columns:
+            if pd.api.types.is_float_dtype(gp[col]):
+                exp = gp[col].replace([float("inf")], float("nan")).to_numpy(dtype=float)
+                got = pd.to_numeric(book[col]).to_numpy(dtype=float)
+                assert got == pytest.approx(exp, nan_ok=True), (sheet, col)
+            else:
+                assert ([None if pd.isna(v) else v for v in gp[col]]
+                        == [None if pd.isna(v) else v for v in book[col]]), (sheet, col)
+    wb.close()
+    plan = pyogrio.read_dataframe(gpkg, layer="target_plan", read_geometry=False)
+    for _, g in plan.groupby("target_id"):
+        assert g["priority_rank"].tolist() == list(range(1, len(g) + 1))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "http://" not in page.replace("http://mrcc", "") and "src=\"http" not in page
+    assert "浦东新区" in page and "covers only part of each district" in page
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Path to each target" in report and "plan.grid_emission_factor" in report

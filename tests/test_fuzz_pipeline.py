@@ -101,6 +101,7 @@ def test_random_mix_through_every_stage(seed, corpus, epw, tmp_path):
     raw["targets"] = [{"id": "jia", "district_name": "甲区", "required_mw": 1.0,
                        "period": "2025", "source": "test"}]
     raw["weather"]["path"] = str(epw)
+    raw["heights"]["rasters"] = []  # no height rasters cover the hand-made area
     config = tmp_path / "fuzz.yaml"
     config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
 

@@ -1,0 +1,198 @@
+"""Styled GeoPackage (layer_styles, metadata), workbook, plan assembly, and QGIS itself."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+from openpyxl import load_workbook
+from shapely.geometry import LineString, Point, box
+
+from pipeline.config import TargetConfig
+from pipeline.deliverables import geopackage_layers, prepare_plan
+from pipeline.report import write_geopackage
+from pipeline.styles import TYPE_STYLE
+from pipeline.targets import ExistingPvConfig, PlanConfig, TownsConfig
+from pipeline.workbook import write_workbook
+from tests.conftest import ROOT
+from tests.test_targets import CRS, yield_buildings
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def small_layers() -> dict:
+    b = gpd.GeoDataFrame({
+        "building_id": [f"b{i}" for i in range(9)], "building_type": list(TYPE_STYLE),
+        "capacity_kwp": np.linspace(0, 800, 9), "district_name": ["浦东新区"] * 9},
+        geometry=[box(i * 40, 0, i * 40 + 30, 30) for i in range(9)], crs=CRS)
+    d = gpd.GeoDataFrame({
+        "district_name": ["浦东新区", "青浦区"], "capacity_mw": [3.6, 0.0],
+        "target_verdict": ["not reachable from the buildings in the input", None],
+        "target_required_mw": [150.0, np.nan], "target_achievable_mw": [3.6, np.nan]},
+        geometry=[box(-100, -100, 400, 200), box(400, -100, 800, 200)], crs=CRS)
+    r = gpd.GeoDataFrame({"building_id": ["r1", "r2", "r3"], "reason": ["tiny", "line", "pt"]},
+                         geometry=[box(500, 0, 502, 2), LineString([(600, 0), (650, 10)]),
+                                   Point(700, 50)], crs=CRS)
+    t = pd.DataFrame({"target_id": ["pudong_2024"], "target_required_mw": [150.0],
+                      "target_achievable_mw": [3.6]})
+    return {"buildings": b, "districts": d, "targets": t, "rejected": r}
+
+
+@pytest.fixture(scope="module")
+def styled_gpkg(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gpkg") / "styled.gpkg"
+    layers, options = geopackage_layers(small_layers(), label_top_n=5)
+    write_geopackage(path, layers, options, {"ROOFTOP_PV_INPUTS": json.dumps(
+        {"districts": {"path": "d.geojson", "sha256": "ab12"}})})
+    return path
+
+
+def test_layer_styles_are_what_qgis_reads(styled_gpkg):
+    con = sqlite3.connect(styled_gpkg)
+    rows = {r[0]: r[1:] for r in con.execute(
+        "SELECT f_table_name, f_table_schema, f_geometry_column, useAsDefault, styleQML "
+        "FROM layer_styles")}
+    contents = dict(con.execute("SELECT table_name, data_type FROM gpkg_contents"))
+    geom_cols = dict(con.execute("SELECT table_name, column_name FROM gpkg_geometry_columns"))
+    con.close()
+    assert set(rows) == {"buildings", "districts", "targets", "rejected"}
+    assert contents["layer_styles"] == "attributes"  # a table OGR (so QGIS) lists
+    for name, (schema, geom, default, _) in rows.items():
+        assert schema == "" and default == 1
+        assert geom == geom_cols.get(name, "")  # 'geom' for layers, '' for tables
+    qml = ET.fromstring(rows["buildings"][3].split("\n", 1)[1])
+    r = qml.find("renderer-v2")
+    assert r.get("type") == "categorizedSymbol" and r.get("attr") == "building_type"
+    assert [c.get("value") for c in r.iter("category")] == list(TYPE_STYLE)
+    assert "capacity_kwp" in r.find(".//Option[@name='fillColor']/Option[@name='expression']") \
+        .get("value")
+    aliases = {a.get("field"): a.get("name") for a in qml.iter("alias")}
+    assert aliases["capacity_kwp"].endswith("[kWp]")
+    d = ET.fromstring(rows["districts"][3].split("\n", 1)[1])
+    assert d.get("labelsEnabled") == "1"
+    assert d.find(".//text-style").get("fieldName").startswith('"district_name"')
+    rej = ET.fromstring(rows["rejected"][3].split("\n", 1)[1])
+    assert [x.get("type") for x in rej.iter("symbol")] == ["fill", "line", "marker"]
+
+
+def test_provenance_in_gpkg_metadata(styled_gpkg):
+    con = sqlite3.connect(styled_gpkg)
+    md = con.execute("SELECT m.metadata FROM gpkg_metadata m JOIN gpkg_metadata_reference r "
+                     "ON r.md_file_id = m.id WHERE r.reference_scope = 'geopackage'").fetchall()
+    con.close()
+    assert any("ROOFTOP_PV_INPUTS" in m[0] and "ab12" in m[0] for m in md)
+    assert pyogrio.read_info(styled_gpkg, layer="buildings")["features"] == 9
+
+
+def test_workbook_matches_geopackage_tables(tmp_path, styled_gpkg):
+    layers = small_layers()
+    xlsx = tmp_path / "t.xlsx"
+    write_workbook(xlsx, {"targets": layers["targets"], "districts": layers["districts"]})
+    wb = load_workbook(xlsx, read_only=True)
+    assert wb.sheetnames == ["targets", "districts", "columns"]
+    for sheet in ("targets", "districts"):
+        rows = list(wb[sheet].values)
+        book = pd.DataFrame(rows[1:], columns=rows[0])
+        gp = pyogrio.read_dataframe(styled_gpkg, layer=sheet, read_geometry=False)
+        pd.testing.assert_frame_equal(plain(book), plain(gp))
+    wb.close()
+
+
+def plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns with None for missing values (Excel has no NaN)."""
+    out = frame.astype(object)
+    return out.where(frame.notna(), None)
+
+
+def plan_cfg(tmp_path: Path, existing: bool, towns: bool) -> SimpleNamespace:
+    ex = tw = None
+    if existing:
+        gpd.GeoDataFrame({"id": ["p1"], "kwp": [15.0], "year": [2024]},
+                         geometry=[box(5, 5, 15, 15)], crs=CRS).to_file(tmp_path / "pv.geojson")
+        ex = ExistingPvConfig(path=Path("pv.geojson"), id_field="id", capacity_field_kwp="kwp",
+                              year_field="year")
+    if towns:
+        gpd.GeoDataFrame({"name": ["w", "e"]}, geometry=[box(-10, -10, 50, 50),
+                                                         box(50, -10, 200, 50)],
+                         crs=CRS).to_file(tmp_path / "towns.geojson")
+        tw = TownsConfig(path=Path("towns.geojson"), name_field="name")
+    return SimpleNamespace(
+        working_crs=CRS,
+        roof=SimpleNamespace(module_power_density_w_per_m2=210.0, min_array_area_m2=10.0),
+        plan=PlanConfig(ranking_order="capacity", type_priority=["government", "school"],
+                        grid_emission_factor_t_co2_per_mwh=0.5, report_top_n=5,
+                        existing_pv=ex, towns=tw),
+        targets=[TargetConfig(id="a", district_name="A", required_mw=0.03, period="2024",
+                              source="s")])
+
+
+def test_prepare_plan_with_existing_pv_and_towns(tmp_path):
+    districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
+                                 crs=CRS)
+    p = prepare_plan(plan_cfg(tmp_path, True, True), tmp_path, yield_buildings(), districts)
+    assert len(p.buildings) == 2  # every building kept
+    assert p.buildings["existing_pv_area_m2"].tolist() == pytest.approx([100.0, 0.0])
+    assert p.buildings["co2_avoided_t_per_year"].tolist() == pytest.approx([5.25, 10.5])
+    t = p.targets.iloc[0]
+    assert t["target_existing_mw"] == pytest.approx(0.015)
+    assert t["target_remaining_mw"] == pytest.approx(0.015)
+    # y keeps 21 kW, x 10.5 kW beside its array: y alone reaches the remaining 15 kW
+    assert p.plan["building_id"].tolist() == ["y", "x"]
+    assert p.plan["in_target_list"].tolist() == [True, False]
+    assert p.targets.iloc[0]["n_roofs_to_target"] == 1
+    assert p.split["town_target_mw"].sum() == pytest.approx(0.03)
+    assert set(p.towns["town_name"]) == {"w", "e"}
+    assert p.systems["building_id"].tolist() == ["x"]
+    bare = prepare_plan(plan_cfg(tmp_path, False, False), tmp_path, yield_buildings(),
+                        districts)
+    assert bare.systems is None and bare.towns is None
+    assert bare.targets.iloc[0]["target_existing_mw"] == 0.0
+
+
+def qgis_available() -> bool:
+    try:
+        return subprocess.run([SYSTEM_PYTHON, "-c", "import qgis.core"], capture_output=True,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not qgis_available(), reason="PyQGIS not installed for /usr/bin/python3 "
+                    "(`make qgis-check` installs Debian's python3-qgis)")
+def test_qgis_opens_the_styled_geopackage(styled_gpkg, tmp_path):
+    png = tmp_path / "check.png"
+    res = subprocess.run([SYSTEM_PYTHON, "-m", "pipeline.qgis_check", str(styled_gpkg),
+                          "--png", str(png)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin",
+                                        "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert 'buildings: {"features": 9, "renderer": "categorizedSymbol"' in res.stdout
+    assert "districts:" in res.stdout and "qgis-check: passed" in res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not qgis_available(), reason="PyQGIS not installed for /usr/bin/python3")
+def test_qgis_check_fails_without_the_styles(styled_gpkg, tmp_path):
+    bare = tmp_path / "bare.gpkg"
+    bare.write_bytes(styled_gpkg.read_bytes())
+    con = sqlite3.connect(bare)
+    con.execute("DELETE FROM layer_styles")
+    con.commit()
+    con.close()
+    res = subprocess.run([SYSTEM_PYTHON, "-m", "pipeline.qgis_check", str(bare)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin",
+                              "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 1
+    assert "buildings: renderer singleSymbol, expected categorizedSymbol" in res.stderr
