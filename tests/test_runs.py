@@ -254,10 +254,28 @@ def tiny(tmp_path, iwec_epw):
     return base, tiny_project(base, iwec_epw)
 
 
-@pytest.mark.slow
-def test_drop_file_recomputes_its_district_and_is_reported(tiny, tmp_path, iwec_epw, capsys):
-    base, config = tiny
+@pytest.fixture(scope="module")
+def tiny_run_once(tmp_path_factory, iwec_epw):
+    """The tiny project after one successful run (copied by :func:`tiny_done`)."""
+    base = tmp_path_factory.mktemp("tiny_done") / "project"
+    base.mkdir()
+    config = tiny_project(base, iwec_epw)
     assert run_cli(base, config) == 0
+    return base
+
+
+@pytest.fixture
+def tiny_done(tiny_run_once, tmp_path):
+    """A fresh copy of the tiny project after its first run (relative paths, links kept)."""
+    base = tmp_path / "project"
+    shutil.copytree(tiny_run_once, base, symlinks=True)
+    return base, base / "tiny.yaml"
+
+
+@pytest.mark.slow
+def test_drop_file_recomputes_its_district_and_is_reported(tiny_done, tmp_path, iwec_epw,
+                                                            capsys):
+    base, config = tiny_done
     (first,) = manifests(base)
     assert first["status"] == "ok" and first["previous_output_run"] is None
     assert first["stages"]["ingest"]["rows_in"] == 8 and first["stages"]["yield"]["rows_out"] == 8
@@ -339,9 +357,8 @@ sys.exit(main(["run", "--config", sys.argv[2], "--stage", "report", "-q"]))
 
 
 @pytest.mark.slow
-def test_sigkill_while_writing_leaves_previous_geopackage(tiny, tmp_path):
-    base, config = tiny
-    assert run_cli(base, config) == 0
+def test_sigkill_while_writing_leaves_previous_geopackage(tiny_done, tmp_path):
+    base, config = tiny_done
     gpkg = base / "outputs/rooftop_pv.gpkg"
     before = runs.sha256_file(gpkg)
     flag = tmp_path / "writing"
@@ -384,9 +401,8 @@ def test_sigkill_while_writing_leaves_previous_geopackage(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_wait_or_exit_with_the_lock_message(tiny):
-    base, config = tiny
-    assert run_cli(base, config) == 0
+def test_two_runs_at_once_wait_or_exit_with_the_lock_message(tiny_done):
+    base, config = tiny_done
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(config), "--stage",
            "report", "-q"]
     lock = base / "outputs" / runs.LOCK_NAME
