@@ -322,6 +322,8 @@ def test_drop_file_recomputes_its_district_and_is_reported(tiny_done, tmp_path, 
     assert bool(d.loc["Beta", "verdict_flipped"]) and not bool(d.loc["Alpha", "verdict_flipped"])
     run = pyogrio.read_dataframe(gpkg, layer="run")
     assert run.loc[0, "run_id"] == second["run_id"]
+    meta = pyogrio.read_info(gpkg, layer="buildings")["dataset_metadata"]
+    assert meta["ROOFTOP_PV_RUN_ID"] == second["run_id"]
     assert run.loc[0, "previous_run_id"] == first["run_id"]
     md = (base / "outputs/report.md").read_text(encoding="utf-8")
     assert "## Changes since the previous run" in md and "3 buildings added, 0 removed" in md
