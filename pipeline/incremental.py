@@ -6,9 +6,9 @@ run), :func:`pipeline.parallel.map_partitions` hands every call to
 
 1. splits the rows by a stable spatial key: the district (``district_adcode``,
    else ``district_name``) and, with ``runs.partition_grid_m``, the grid cell
-   of the row's representative point in the frame's projected CRS (rows of a
-   frame in a geographic CRS, before ingest reprojects them, form one
-   partition);
+   of the row's representative point in the frame's CRS (cells of
+   ``partition_grid_m / 111,320`` degrees for sources in lon/lat, before
+   ingest reprojects them);
 2. keys each partition by the sha256 of its rows' content (every column,
    geometry as WKB; not the index), of the kernel's other arguments (frames
    by content; a frame with a ``path`` column also by the content of those
@@ -54,6 +54,8 @@ import shapely
 log = logging.getLogger(__name__)
 
 _ACTIVE: list[PartitionCache] = []
+#: Length of a degree of latitude, to size grid cells of frames in lon/lat [m/deg].
+METRES_PER_DEGREE = 111_320.0
 ALL = "all"
 
 
@@ -95,13 +97,13 @@ def partition_keys(gdf: gpd.GeoDataFrame, grid_m: float | None) -> np.ndarray:
     gdf : GeoDataFrame
         Rows; ``district_adcode`` or ``district_name`` used where present.
     grid_m : float, optional
-        Grid cell size [m] (in the units of a projected CRS).
+        Grid cell size [m] (degrees: divided by :data:`METRES_PER_DEGREE`).
 
     Returns
     -------
     ndarray of str
-        ``<district>`` or ``<district>/<ix>_<iy>``; ``all`` for a frame with
-        neither districts nor a projected CRS.
+        ``<district>``, ``<district>/<ix>_<iy>`` or ``<ix>_<iy>``; ``all``
+        for a frame with neither districts nor a grid.
     """
     n = len(gdf)
     district = None
@@ -110,7 +112,9 @@ def partition_keys(gdf: gpd.GeoDataFrame, grid_m: float | None) -> np.ndarray:
             district = gdf[col].astype(object).where(gdf[col].notna(), "none").astype(str)
             break
     projected = gdf.crs is not None and gdf.crs.is_projected
-    if grid_m and projected:
+    if grid_m and gdf.crs is not None:
+        if not projected:  # raw sources in lon/lat before ingest reprojects them
+            grid_m = grid_m / METRES_PER_DEGREE
         geoms = gdf.geometry.array
         ok = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
         x = np.zeros(n)
