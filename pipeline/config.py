@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.classify import BUILDING_TYPES, ClassifyConfig
+from pipeline.classify import BUILDING_TYPES, BuildingType, ClassifyConfig
 from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.heights import HeightsConfig
@@ -27,18 +27,6 @@ from pipeline.runs import RunsConfig
 from pipeline.shading import ShadingConfig
 from pipeline.targets import PlanConfig
 from pipeline.weather import WeatherConfig
-
-BuildingType = Literal[
-    "government",
-    "school",
-    "factory",
-    "hospital",
-    "other_public",
-    "commercial",
-    "residential",
-    "other",
-    "unknown",
-]
 
 
 class _Model(BaseModel):

@@ -347,7 +347,6 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     from pipeline import deliverables as dv
     from pipeline.html_report import register_cjk_font
     from pipeline.provenance import metadata_items, provenance
-    from pipeline.pvyield import monthly_profile
     from pipeline.targets import district_extras
     from pipeline.workbook import write_workbook
 
@@ -358,7 +357,6 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     buildings = gpd.read_parquet(proc / "yield_buildings.parquet")
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
-    classes = pd.read_csv(proc / "yield_classes.csv")
     kept = sum(a["kept"] for a in accounting.values())
     if kept != len(buildings):
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
@@ -388,8 +386,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     layers.update(change_layers)
     layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n)
     write_geopackage(outdir / "rooftop_pv.gpkg", layers, options, metadata_items(prov))
-    monthly = monthly_profile(buildings, classes, by="district_name",
-                              step_deg=cfg.yield_.orientation_step_deg)
+    monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
                          base_dir)
     md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov) + "\n" + change_md
@@ -409,6 +406,26 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
 #: Config sections whose keys the reports list as assumptions.
 ASSUMPTION_SECTIONS = ("ingest", "heights", "roof", "shading", "policy", "weather", "yield",
                        "plan")
+
+
+def monthly_energy(buildings: pd.DataFrame) -> pd.DataFrame:
+    """Monthly AC energy per district, shading and existing PV included.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        Yield-stage buildings with ``energy_m01_mwh`` ... ``energy_m12_mwh`` [MWh].
+
+    Returns
+    -------
+    DataFrame
+        Index ``district_name``; the twelve monthly columns and
+        ``energy_mwh_per_year`` [MWh].
+    """
+    cols = [f"energy_m{m:02d}_mwh" for m in range(1, 13)]
+    out = buildings.groupby("district_name", observed=True)[cols].sum()
+    out["energy_mwh_per_year"] = out[cols].sum(axis=1)
+    return out
 
 
 def rule_view(cfg: PipelineConfig, dlayer: gpd.GeoDataFrame) -> pd.DataFrame:

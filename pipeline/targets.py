@@ -319,10 +319,16 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     out["capacity_policy_kwp"] = capacity_kwp(policy * gcr, power_density_w_per_m2)
     specific = out["specific_yield_kwh_per_kwp"].to_numpy(dtype=float)
     ok = np.isfinite(specific)
+    energy_before = out["energy_mwh_per_year"].to_numpy(dtype=float)
     for cap, energy in (("capacity_kwp", "energy_mwh_per_year"),
                         ("capacity_policy_kwp", "energy_policy_mwh_per_year")):
         out[energy] = np.where(ok, out[cap].to_numpy(dtype=float) * np.where(ok, specific, 0)
                                / 1000.0, 0.0)
+    # monthly energy (shading included) scales with the annual energy left
+    ratio = np.divide(out["energy_mwh_per_year"].to_numpy(dtype=float), energy_before,
+                      out=np.zeros(len(out)), where=energy_before > 0)
+    for col in [c for c in out.columns if re.fullmatch(r"energy_m\d\d_mwh", str(c))]:
+        out[col] = out[col].to_numpy(dtype=float) * ratio
     newly_full = (usable_before > 0) & (usable == 0)
     out["suitable"] = usable > 0
     reason = out["unsuitable_reason"].astype(object).to_numpy(copy=True)
