@@ -16,6 +16,8 @@ OUT := outputs
 EPW := $(RAW)/weather/CHN_Shanghai.Shanghai.583670_IWEC.epw
 SAMPLE_STAMP := $(RAW)/shanghai/.complete
 RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+# new building files in the drop folder (and the folder, whose mtime changes when one is removed)
+DROP_FILES = $(wildcard $(RAW)/drop $(RAW)/drop/*)
 COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
 # system packages (Debian): root runs apt-get directly, others through sudo; never prompts
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get -q -y \
@@ -60,8 +62,8 @@ $(CJK_FONT):
 ingest: $(PROC)/ingest_buildings.parquet
 $(PROC)/ingest_buildings.parquet $(PROC)/ingest_areas.parquet $(PROC)/ingest_pois.parquet \
 $(PROC)/ingest_rejected.parquet $(PROC)/ingest_accounting.json &: \
-		$(SAMPLE_STAMP) pipeline/ingest.py pipeline/attributes.py pipeline/coords.py \
-		pipeline/dedup.py $(COMMON)
+		$(SAMPLE_STAMP) $(DROP_FILES) pipeline/ingest.py pipeline/attributes.py \
+		pipeline/coords.py pipeline/dedup.py $(COMMON)
 	$(RUN) --stage ingest
 
 classify: $(PROC)/classify_buildings.parquet
@@ -87,8 +89,8 @@ $(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv &: $(PROC)/shading_bui
 
 report: $(REPORT_OUT)
 $(REPORT_OUT) &: $(PROC)/yield_buildings.parquet $(PROC)/yield_classes.csv \
-		$(PROC)/ingest_rejected.parquet $(REPORT_PY) pipeline/roof_report.py $(COMMON) \
-		| $(CJK_FONT)
+		$(PROC)/ingest_rejected.parquet $(REPORT_PY) pipeline/roof_report.py \
+		pipeline/changes.py $(COMMON) | $(CJK_FONT)
 	$(RUN) --stage report
 
 # ---- the GeoPackage in the real client: PyQGIS (Debian python3-qgis, system python3), headless

@@ -1498,7 +1498,15 @@ def run(
     start = time.perf_counter()
     base_dir = Path(base_dir)
     rules = load_rules(_resolve(cfg.rules_file, base_dir))
-    from pipeline.stream import map_file, read_columns, read_partition
+    from pipeline import incremental, parallel
+    from pipeline.stream import (
+        map_file,
+        read_all,
+        read_columns,
+        read_partition,
+        to_arrow,
+        write_tables,
+    )
 
     if read_partition(Path(buildings_in), []).crs is None:
         raise ClassificationError(f"{buildings_in}: GeoParquet without CRS")
@@ -1526,9 +1534,22 @@ def run(
         _check_overrides(read_columns(Path(buildings_in), ["building_id"])["building_id"],
                          overrides)
     log.info("classify: %d areas, %d POIs in", len(areas), len(pois))
-    rows_in, rows_out, result = map_file(
-        Path(buildings_in), Path(out), classify_partition, areas, pois, rules, overrides,
-        working_crs, keep=("building_type", "type_source", "type_conflict"), label="classify")
+    if incremental.active() is not None:
+        # scheduled reruns: the partition cache works on whole frames (pipeline.incremental)
+        buildings = read_all(Path(buildings_in))
+        if buildings.crs != working_crs:
+            buildings = buildings.to_crs(working_crs)
+        whole = parallel.map_partitions(buildings, classify_buildings, areas, pois, rules)
+        if overrides is not None:
+            whole = apply_overrides(whole, overrides)
+        keep = ["building_type", "type_source", "type_conflict"]
+        rows_out, result = write_tables([to_arrow(whole)], Path(out), keep)
+        rows_in = len(buildings)
+    else:
+        rows_in, rows_out, result = map_file(
+            Path(buildings_in), Path(out), classify_partition, areas, pois, rules, overrides,
+            working_crs, keep=("building_type", "type_source", "type_conflict"),
+            label="classify")
     n_overrides = 0 if overrides is None else len(overrides)
     seconds = time.perf_counter() - start
     summary = {

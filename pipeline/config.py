@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.heights import HeightsConfig
 from pipeline.pvyield import YieldConfig
+from pipeline.runs import RunsConfig
 from pipeline.shading import ShadingConfig
 from pipeline.targets import PlanConfig
 from pipeline.weather import WeatherConfig
@@ -225,6 +226,7 @@ class PipelineConfig(_Model):
     targets: list[TargetConfig]
     plan: PlanConfig
     report: ReportConfig
+    runs: RunsConfig = RunsConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

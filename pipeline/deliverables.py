@@ -42,6 +42,11 @@ LAYER_DESCRIPTIONS = {
     "targets": "One row per MW target: required, existing, achievable, roofs to reach it",
     "district_types": "Summary per district and building type",
     "town_targets": "District targets split across towns in proportion to potential",
+    "changes": "Buildings added, removed or changed (geometry, type, capacity) since the "
+               "previous run",
+    "changes_districts": "Per district: buildings added, removed, changed; capacity and "
+                         "energy deltas; verdicts that flipped since the previous run",
+    "run": "The run that wrote this file (outputs/runs/<run_id>/manifest.json)",
 }
 
 

@@ -111,6 +111,23 @@ GLOSSARY: dict[str, str] = {
     "energy_policy_mwh_per_year": "annual AC energy of capacity_policy_kwp [MWh/yr]",
     **{f"energy_m{m:02d}_mwh": f"AC energy of capacity_kwp in month {m} [MWh]"
        for m in range(1, 13)},
+    # changes since the previous run (pipeline/changes.py)
+    "building_key": "identity across runs: building_id, or '<source>:geom:<hash>' of the "
+    "footprint for sources without ids",
+    "change": "added, removed or changed since the previous run",
+    "changed_fields": "what changed: geometry, type and/or capacity",
+    "building_type_previous": "building_type in the previous run",
+    "capacity_previous_kwp": "capacity_kwp in the previous run (0 if added) [kWp]",
+    "capacity_delta_kwp": "capacity_kwp minus the previous run's [kWp]",
+    "energy_delta_mwh_per_year": "energy_mwh_per_year minus the previous run's [MWh/yr]",
+    "n_added": "buildings added since the previous run",
+    "n_removed": "buildings removed since the previous run",
+    "n_changed": "buildings whose geometry, type or capacity changed",
+    "target_verdict_previous": "target_verdict in the previous run",
+    "rule_verdict_previous": "rule_verdict in the previous run",
+    "verdict_flipped": "a target or coverage-rule verdict differs from the previous run's",
+    "run_id": "id of the run that wrote the outputs (folder under outputs/runs/)",
+    "previous_run_id": "id of the run the change report compares against",
     # rejected
     "reason": "why the feature was not kept",
     "stage": "stage that rejected it",

@@ -72,7 +72,7 @@ from pipeline.dedup import find_duplicates
 from pipeline.errors import ConfigError, InputError
 from pipeline.glossary import ATTRIBUTE_COLUMNS
 from pipeline.io import PARQUET_SUFFIXES, read_vector, write_parquet_atomic
-from pipeline.parallel import map_tasks, rows_per_partition
+from pipeline.parallel import map_partitions, map_tasks, rows_per_partition
 
 log = logging.getLogger(__name__)
 
@@ -547,6 +547,11 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
         The accounting: per source, features read, kept and rejected, and
         rejections by reason.
     """
+    from pipeline import incremental
+
+    if incremental.active() is not None:
+        # scheduled reruns: the partition cache works on whole frames (pipeline.incremental)
+        return _run_whole(cfg, base_dir)
     t0 = time.perf_counter()
     out_dir = base_dir / cfg.paths.processed_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -609,6 +614,102 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     log.info("ingest: %d features read, %d buildings kept, %d rejected, %d areas, %d POIs "
              "in %.1f s", sum(a["read"] for a in accounting.values()), rows_kept,
              len(rejected), len(areas), len(pois), time.perf_counter() - t0)
+    return accounting
+
+
+def _run_whole(cfg: PipelineConfig, base_dir: Path) -> dict:
+    """Ingest every source as whole frames through the partition cache of scheduled reruns.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration.
+    base_dir : Path
+        Project root that relative paths are resolved against.
+
+    Returns
+    -------
+    dict
+        The accounting: per source, features read, kept and rejected, and
+        rejections by reason.
+    """
+    t0 = time.perf_counter()
+    out_dir = base_dir / cfg.paths.processed_dir
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
+    parts, accounting = [], {}
+    for src in cfg.sources:
+        ts = time.perf_counter()
+        raw = read_source(src, base_dir)
+        check_extent(raw, src.path if src.path.is_absolute() else base_dir / src.path, src.name,
+                     districts, cfg.ingest.crs_check_margin_m)
+        raw = map_partitions(raw, check_attribute_ranges, cfg.ingest.max_height_attr_m,
+                             cfg.ingest.max_levels_attr)
+        norm = map_partitions(
+            raw, normalise_footprints, cfg.working_crs, cfg.ingest.min_footprint_area_m2,
+            cfg.ingest.max_footprint_area_m2, src.building_filter,
+        )
+        norm["building_id"] = _unique_ids(src.name, norm["source_id"])
+        parts.append(norm)
+        log.info("ingest %s: %d features read in %.1f s", src.name, len(raw),
+                 time.perf_counter() - ts)
+    allf = pd.concat(parts, ignore_index=True)
+    allf = gpd.GeoDataFrame(allf, geometry="geometry", crs=cfg.working_crs)
+    bmask = allf["role"].eq("building").to_numpy()
+    located = map_partitions(allf[bmask], assign_districts, districts)
+    allf["district_name"] = pd.Series(pd.NA, index=allf.index, dtype="object")
+    allf["district_adcode"] = pd.Series(pd.NA, index=allf.index, dtype="object")
+    allf.loc[located.index, "district_name"] = located["district_name"]
+    allf.loc[located.index, "district_adcode"] = located["district_adcode"]
+    outside = bmask & allf["district_name"].isna().to_numpy()
+    allf.loc[outside, "reason"] = "centroid outside every district boundary"
+    allf.loc[outside, "role"] = "rejected"
+    warnings = gcj02_warnings(allf[allf["role"].eq("building")], cfg)
+    dups = find_duplicates(allf[allf["role"].eq("building")], cfg.ingest.dedup_min_overlap_share,
+                           cfg.ingest.dedup_min_area_ratio, [s.name for s in cfg.sources])
+    allf.loc[dups.index, "reason"] = duplicate_reasons(dups)
+    allf.loc[dups.index, "role"] = "rejected"
+
+    kept = allf[allf["role"].eq("building")].drop(columns=["role", "reason",
+                                                           "original_attributes"])
+    cols = ["building_id", "source", "source_id", "district_name", "district_adcode",
+            *ATTRIBUTE_COLUMNS, "attribute_issues", "footprint_area_m2", "geometry_repaired",
+            "geometry"]
+    kept = kept[cols].reset_index(drop=True)
+    areas = allf[allf["role"].eq("area")][["building_id", "source", "source_id",
+                                           *ATTRIBUTE_COLUMNS, "geometry"]]
+    pois = allf[allf["role"].eq("poi")][["building_id", "source", "source_id",
+                                         *ATTRIBUTE_COLUMNS, "geometry"]].copy()
+    pois["poi_category"] = (pois["tag_amenity"].fillna(pois["tag_office"])
+                            .fillna(pois["tag_shop"]).fillna(pois["tag_tourism"])
+                            .fillna(pois["class_field"]))
+    rejected = allf[allf["reason"].notna()][
+        ["building_id", "source", "source_id", "name", "reason", "attribute_issues",
+         "original_attributes", "geometry"]].copy()
+    rejected.insert(4, "stage", "ingest")
+    _log_duplicates(rejected.loc[dups.index])
+
+    for src in cfg.sources:
+        sel = allf["source"].eq(src.name)
+        by_reason = reason_kind(allf.loc[sel & allf["reason"].notna(), "reason"]).value_counts()
+        accounting[src.name] = {
+            "read": int(sel.sum()),
+            "kept": int((sel & allf["role"].eq("building")).sum()),
+            "rejected": int((sel & allf["reason"].notna()).sum()),
+            "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
+            "attribute_issues": int((sel & allf["attribute_issues"].notna()).sum()),
+            "warnings": warnings.get(src.name, []),
+        }
+        acc = accounting[src.name]
+        assert acc["read"] == acc["kept"] + acc["rejected"], acc
+
+    write_parquet_atomic(areas.reset_index(drop=True), out_dir / "ingest_areas.parquet")
+    write_parquet_atomic(pois.reset_index(drop=True), out_dir / "ingest_pois.parquet")
+    write_parquet_atomic(rejected.reset_index(drop=True), out_dir / "ingest_rejected.parquet")
+    _write_json_atomic(accounting, out_dir / "ingest_accounting.json")
+    write_parquet_atomic(kept, out_dir / "ingest_buildings.parquet")
+    log.info("ingest: %d features read, %d buildings kept, %d rejected, %d areas, %d POIs "
+             "in %.1f s", len(allf), len(kept), len(rejected), len(areas), len(pois),
+             time.perf_counter() - t0)
     return accounting
 
 

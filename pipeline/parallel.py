@@ -157,11 +157,23 @@ def map_partitions(
     GeoDataFrame or DataFrame
         The concatenated kernel output, in input order.
     """
-    import dask
-    import dask_geopandas
+    from pipeline import incremental
 
     if not gdf.index.is_unique:
         raise ValueError("map_partitions needs a unique index")
+    cache = incremental.active()
+    if cache is not None:  # reuse stored results of unchanged partitions
+        return cache.map_partitions(gdf, kernel, args, kwargs, compute_partitions)
+    return compute_partitions(gdf, kernel, *args, **kwargs)
+
+
+def compute_partitions(
+    gdf: gpd.GeoDataFrame, kernel: Callable[..., pd.DataFrame], *args: Any, **kwargs: Any
+) -> gpd.GeoDataFrame | pd.DataFrame:
+    """Apply a kernel in parallel without the partition cache (see :func:`map_partitions`)."""
+    import dask
+    import dask_geopandas
+
     meta = kernel(gdf.iloc[:0].copy(), *args, **kwargs)
     nparts = partition_count(len(gdf))
     if len(gdf) == 0 or nparts == 1 and _STATE.get("workers", 1) == 1:

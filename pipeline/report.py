@@ -45,10 +45,12 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from pipeline import changes
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
 from pipeline.roof_report import roof_sections
+from pipeline.runs import check_geopackage
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,7 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame],
                     frame["geometry"] = _to_multi(frame.geometry)
                 kwargs["promote_to_multi"] = False
             pyogrio.write_dataframe(frame, tmp, use_arrow=True, **kwargs)  # arrow: ~2x faster
+        check_geopackage(tmp)  # PRAGMA integrity_check before it replaces the old one
 
 
 def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
@@ -359,6 +362,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                            f"stage has {len(buildings)}")
     districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     prov = provenance(cfg, config_path, base_dir)
+    prov.update(changes.run_provenance())  # run id of pipeline.runs, when in a run
     plan = dv.prepare_plan(cfg, base_dir, buildings, districts)
     buildings, targets = plan.buildings, plan.targets
     dlayer = district_extras(district_layer(districts, buildings, cfg.policy, targets), targets,
@@ -377,12 +381,14 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         layers["town_targets"] = plan.split
     if plan.systems is not None:
         layers["existing_pv"] = plan.systems
+    change_layers, change_md = changes.report_changes(cfg, buildings, dlayer)
+    layers.update(change_layers)
     layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n)
     write_geopackage(outdir / "rooftop_pv.gpkg", layers, options, metadata_items(prov))
     monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
                          base_dir)
-    md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov)
+    md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov) + "\n" + change_md
     with atomic_path(outdir / "report.md") as tmp:
         tmp.write_text(md, encoding="utf-8")
     table = assumptions(config_path, ASSUMPTION_SECTIONS)

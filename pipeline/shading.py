@@ -500,6 +500,57 @@ def shading_kernel(part: gpd.GeoDataFrame, neighbours: pd.DataFrame, table: Hori
     return out
 
 
+def neighbours_in_reach(buildings: gpd.GeoDataFrame, groups: list[np.ndarray],
+                        neighbours: pd.DataFrame, table: HorizonTable, cfg: ShadingConfig
+                        ) -> list[np.ndarray]:
+    """Rows of the neighbour table that can shade each group of roofs.
+
+    For the partition cache (``pipeline.incremental``): a roof's horizon
+    depends only on the neighbours whose rectangle envelope meets the square
+    of half-side ``radius_m`` around its centroid (the query in
+    :func:`horizon_profile`); this returns a superset of those per group.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        All roofs of the call.
+    groups : list of ndarray
+        Positions of the roofs of each partition.
+    neighbours : DataFrame
+        :func:`neighbour_table` of all buildings.
+    table : HorizonTable
+        Unused (same signature as :func:`shading_kernel`).
+    cfg : ShadingConfig
+        ``radius_m`` [m].
+
+    Returns
+    -------
+    list of ndarray
+        Row positions in ``neighbours``, one array per group.
+    """
+    cent = shapely.centroid(np.asarray(buildings.geometry.array, dtype=object))
+    x, y = shapely.get_x(cent), shapely.get_y(cent)
+    c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy()
+    env = shapely.box(c[:, 0::2].min(axis=1), c[:, 1::2].min(axis=1),
+                      c[:, 0::2].max(axis=1), c[:, 1::2].max(axis=1))
+    tree = shapely.STRtree(env)
+    r = cfg.radius_m
+    out = []
+    for pos in groups:
+        gx, gy = x[pos], y[pos]
+        if len(pos) == 0 or np.isnan(gx).all():
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        box = shapely.box(np.nanmin(gx) - r, np.nanmin(gy) - r, np.nanmax(gx) + r,
+                          np.nanmax(gy) + r)
+        out.append(np.sort(tree.query(box)))
+    return out
+
+
+#: the partition cache keys a partition by the neighbours within reach only
+shading_kernel.partition_context = (0, neighbours_in_reach)
+
+
 def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """Shading stage runner: roof buildings in, shaded roof buildings out.
 

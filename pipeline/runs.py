@@ -1,0 +1,891 @@
+"""Scheduled runs: run records, the lock, stage keys, the drop folder, retention.
+
+A scheduler (cron, a systemd timer) calls ``rooftop-pv run --if-changed``.
+Each run
+
+1. takes the run lock (``<outputs_dir>/.rooftop-pv.lock``, ``fcntl.flock``);
+   a second run waits up to ``runs.lock_timeout_s`` and then exits with
+   :data:`EXIT_LOCKED` and a message naming the run that holds it;
+2. removes temporary files that a killed run left behind (``.*.part*``);
+3. picks up new building files in the drop folder (``runs.drop.path``) as
+   extra sources, one per file, named ``drop_<file stem>``;
+4. computes each stage's key, the sha256 of everything the stage's outputs
+   depend on: its input files (content), the config sections it reads and
+   its code. With ``--if-changed`` a stage whose key equals the one stamped
+   beside its outputs (``<processed_dir>/.stamps/<stage>.json``) is skipped,
+   and a run with every stage up to date does nothing and exits 0;
+5. writes a manifest ``outputs/runs/<run_id>/manifest.json`` (run id, start
+   and end, inputs with sha256, config hash, package versions, rows in and
+   out per stage, durations, kernel partitions computed and reused, host)
+   and a log file ``run.log`` beside it;
+6. keeps the outputs of the last ``runs.keep_runs`` runs that wrote them
+   (copies of the GeoPackage, the reports and the workbook, and the snapshot the
+   next run's change report compares against) and deletes older run folders.
+
+Exit codes of ``rooftop-pv run``: :data:`EXIT_OK` (done, or nothing to do),
+:data:`EXIT_FAILED`, :data:`EXIT_BAD_INPUT`, :data:`EXIT_LOCKED`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # config.py imports this module
+    from pipeline.config import PipelineConfig, SourceConfig
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of ``rooftop-pv run`` (also in the README).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3
+
+LOCK_NAME = ".rooftop-pv.lock"
+RUNS_DIR = "runs"
+STAMPS_DIR = ".stamps"
+CACHE_DIR = "cache"
+HISTORY = "history.log"
+#: Files a run keeps in its run folder (copies of the outputs it wrote).
+KEPT_OUTPUTS = ("rooftop_pv.gpkg", "report.md", "report.html", "rooftop_pv.xlsx")
+SNAPSHOT_BUILDINGS = "snapshot_buildings.parquet"
+SNAPSHOT_DISTRICTS = "snapshot_districts.parquet"
+PACKAGES = ("numpy", "pandas", "geopandas", "shapely", "pyogrio", "pyarrow", "pyproj",
+            "rasterio", "pvlib", "dask", "dask-geopandas", "distributed", "pydantic", "PyYAML",
+            "rooftop-pv")
+PIPELINE_DIR = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- config
+class DropConfig(BaseModel):
+    """The drop folder: new building files picked up by the next run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Path("data/raw/drop")
+    suffixes: list[str] = Field(
+        default_factory=lambda: [".geojson", ".gpkg", ".parquet", ".fgb", ".shp"])
+    layer: str | None = None
+    encoding: str | None = None
+    crs_if_missing: str | None = None
+    id_field: str | None = "id"
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
+class RunsConfig(BaseModel):
+    """Scheduled reruns: retention, the lock, cache partitions, the drop folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_runs: int = Field(default=5, ge=1)
+    lock_timeout_s: float = Field(default=0.0, ge=0)
+    partition_grid_m: float | None = Field(default=5000.0, gt=0)
+    drop: DropConfig = DropConfig()
+
+
+class LockError(PipelineError):
+    """Another run holds the run lock."""
+
+
+# --------------------------------------------------------------------------- drop folder
+def drop_files(cfg: PipelineConfig, base_dir: Path) -> list[Path]:
+    """Building files waiting in the drop folder, sorted by name.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        ``runs.drop.path`` and ``runs.drop.suffixes``.
+    base_dir : Path
+        Project root.
+
+    Returns
+    -------
+    list of Path
+        Files whose suffix is one of ``runs.drop.suffixes`` (hidden files and
+        partial copies starting with ``.`` are ignored).
+    """
+    drop = cfg.runs.drop
+    folder = drop.path if drop.path.is_absolute() else base_dir / drop.path
+    if not folder.is_dir():
+        return []
+    suffixes = {s.lower() for s in drop.suffixes}
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
+
+
+def drop_sources(cfg: PipelineConfig, base_dir: Path) -> list[SourceConfig]:
+    """One source per drop-folder file, with the drop folder's column mapping.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration.
+    base_dir : Path
+        Project root.
+
+    Returns
+    -------
+    list of SourceConfig
+        Sources named ``drop_<stem>`` (lower case, other characters as
+        ``_``; ``drop_<stem>_<suffix>`` when two files share a stem).
+    """
+    from pipeline.config import SourceConfig
+
+    drop = cfg.runs.drop
+    taken = {s.name for s in cfg.sources}
+    out = []
+    for path in drop_files(cfg, base_dir):
+        name = "drop_" + re.sub(r"[^a-z0-9_]", "_", path.stem.lower())
+        if name in taken:
+            name += "_" + path.suffix.lower().lstrip(".")
+        taken.add(name)
+        rel = Path(_rel(path, base_dir))
+        out.append(SourceConfig(name=name, kind="vector", path=rel, layer=drop.layer,
+                                encoding=drop.encoding, crs_if_missing=drop.crs_if_missing,
+                                id_field=drop.id_field, columns=dict(drop.columns)))
+    return out
+
+
+def with_drop_sources(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
+    """The configuration with the drop folder's files appended to ``sources``.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration.
+    base_dir : Path
+        Project root.
+
+    Returns
+    -------
+    PipelineConfig
+        ``cfg`` itself when the drop folder is empty or absent.
+    """
+    extra = drop_sources(cfg, base_dir)
+    if not extra:
+        return cfg
+    log.info("drop folder: %d new building file(s): %s", len(extra),
+             ", ".join(s.path.name for s in extra))
+    return cfg.model_copy(update={"sources": [*cfg.sources, *extra]})
+
+
+# --------------------------------------------------------------------------- hashing
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's content (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve(path: Path, base_dir: Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else base_dir / path
+
+
+def _rel(path: Path, base_dir: Path) -> str:
+    """A path relative to the project root where it lies inside it."""
+    try:
+        return Path(path).relative_to(base_dir).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _with_sidecars(path: Path) -> list[Path]:
+    """A file and the files that belong to it (Shapefile .shx/.dbf/.prj/.cpg)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if path.suffix.lower() == ".shp":
+        return sorted(p for p in path.parent.glob(path.stem + ".*") if p.is_file())
+    return [path]
+
+
+def stage_io(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
+             ) -> tuple[list[Path], list[Path], tuple[str, ...]]:
+    """What a stage reads and writes, and the config sections it depends on.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration (with the drop sources).
+    stage : str
+        ``ingest``, ``classify``, ``roof``, ``shading``, ``yield`` or ``report``.
+    base_dir : Path
+        Project root.
+    config_path : Path
+        The config file (the report reads its comments).
+
+    Returns
+    -------
+    inputs, outputs : list of Path
+        Input files (that exist) and output files.
+    sections : tuple of str
+        Top-level config keys (empty: the whole config).
+    """
+    proc = _resolve(cfg.paths.processed_dir, base_dir)
+    out = _resolve(cfg.paths.outputs_dir, base_dir)
+    districts = _resolve(cfg.districts.path, base_dir)
+    if stage == "ingest":
+        inputs = [districts]
+        for src in cfg.sources:
+            inputs += _with_sidecars(_resolve(src.path, base_dir))
+        outputs = [proc / n for n in ("ingest_buildings.parquet", "ingest_areas.parquet",
+                                      "ingest_pois.parquet", "ingest_rejected.parquet",
+                                      "ingest_accounting.json")]
+        sections: tuple[str, ...] = ("working_crs", "sources", "districts", "ingest", "targets")
+    elif stage == "classify":
+        from pipeline.classify_eval import DEFAULT_CBDC_LABELS
+
+        c = cfg.classify
+        inputs = [proc / "ingest_buildings.parquet", proc / "ingest_areas.parquet",
+                  proc / "ingest_pois.parquet", _resolve(c.rules_file, base_dir),
+                  DEFAULT_CBDC_LABELS]
+        if c.overrides_file is not None:
+            inputs.append(_resolve(c.overrides_file, base_dir))
+        for layer in [*c.poi_layers, *c.area_layers]:
+            inputs += _with_sidecars(_resolve(layer.path, base_dir))
+        outputs = [proc / "classify_buildings.parquet", proc / "classify_evaluation.md"]
+        sections = ("working_crs", "classify")
+    elif stage == "roof":
+        import glob
+
+        inputs = [proc / "classify_buildings.parquet"]
+        for entry in cfg.heights.rasters:
+            pattern = _resolve(Path(entry.path), base_dir).as_posix()
+            inputs += [Path(f) for f in sorted(glob.glob(pattern, recursive=True))]
+        outputs = [proc / "roof_buildings.parquet"]
+        sections = ("roof", "policy", "heights")
+    elif stage == "shading":
+        inputs = [proc / "roof_buildings.parquet", _resolve(cfg.weather.path, base_dir)]
+        outputs = [proc / "shading_buildings.parquet"]
+        sections = ("shading", "weather", "yield")
+    elif stage == "yield":
+        inputs = [proc / "shading_buildings.parquet", _resolve(cfg.weather.path, base_dir)]
+        outputs = [proc / "yield_buildings.parquet", proc / "yield_classes.csv"]
+        sections = ("weather", "yield")
+    elif stage == "report":
+        inputs = [proc / "yield_buildings.parquet", proc / "ingest_rejected.parquet",
+                  proc / "ingest_accounting.json", proc / "classify_evaluation.md", districts,
+                  Path(config_path)]
+        outputs = [out / name for name in KEPT_OUTPUTS]
+        sections = ()
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return [p for p in inputs if p.is_file()], outputs, sections
+
+
+def code_hash() -> str:
+    """sha256 over the source of every module of the package.
+
+    Deliberately coarse: a stage's result depends on helpers in other
+    modules, so any code change (an upgrade) redoes every stage once.
+    """
+    if "code" not in _CODE_HASH:
+        h = hashlib.sha256()
+        for path in sorted(PIPELINE_DIR.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        _CODE_HASH["code"] = h.hexdigest()
+    return _CODE_HASH["code"]
+
+
+_CODE_HASH: dict[str, str] = {}
+
+
+def stage_key(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path
+              ) -> tuple[str, dict[str, str]]:
+    """The key of a stage's outputs: inputs' content, config sections, code.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration (with the drop sources).
+    stage : str
+        The stage.
+    base_dir : Path
+        Project root.
+    config_path : Path
+        The config file.
+
+    Returns
+    -------
+    key : str
+        sha256 (hex) of the parts below.
+    inputs : dict
+        Input file (as given) to its sha256.
+    """
+    inputs, _, sections = stage_io(cfg, stage, base_dir, config_path)
+    files = {_rel(p, base_dir): sha256_file(p) for p in inputs}
+    dump = json.loads(cfg.model_dump_json(by_alias=True))
+    if sections:
+        dump = {k: dump[k] for k in sections}
+    parts = {
+        "stage": stage,
+        "config": dump,
+        "code": code_hash(),
+        "inputs": sorted(files.items()),
+    }
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), files
+
+
+def _stamp_path(cfg: PipelineConfig, stage: str, base_dir: Path) -> Path:
+    return _resolve(cfg.paths.processed_dir, base_dir) / STAMPS_DIR / f"{stage}.json"
+
+
+def read_stamp(cfg: PipelineConfig, stage: str, base_dir: Path) -> dict | None:
+    """The stamp the last run of ``stage`` left beside its outputs (or None)."""
+    path = _stamp_path(cfg, stage, base_dir)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_up_to_date(cfg: PipelineConfig, stage: str, base_dir: Path, config_path: Path,
+                  key: str | None = None) -> bool:
+    """Whether a stage's outputs are those its current inputs would give.
+
+    True when the stamp's key equals the stage's current key and every
+    output still has the sha256 the stamp recorded.
+    """
+    stamp = read_stamp(cfg, stage, base_dir)
+    if stamp is None:
+        return False
+    key = key or stage_key(cfg, stage, base_dir, config_path)[0]
+    if stamp.get("key") != key:
+        return False
+    _, outputs, _ = stage_io(cfg, stage, base_dir, config_path)
+    recorded = stamp.get("outputs", {})
+    for p in outputs:
+        if not p.is_file() or recorded.get(p.name) != sha256_file(p):
+            return False
+    return True
+
+
+def _write_json_atomic(obj: object, path: Path) -> None:
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str),
+                       encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- lock
+@contextlib.contextmanager
+def run_lock(path: Path, timeout_s: float = 0.0, holder: str = "") -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``path`` for the duration of a run.
+
+    Parameters
+    ----------
+    path : Path
+        The lock file (created if absent, never deleted: deleting a lock
+        file that another process has open would let a third one in).
+    timeout_s : float
+        How long to wait for another run to release it [s]; 0 = not at all.
+    holder : str
+        Written into the lock file for the message the next run prints.
+
+    Yields
+    ------
+    Path
+        The lock file.
+
+    Raises
+    ------
+    LockError
+        When the lock is still held after ``timeout_s``; the message names
+        the lock file and the run that holds it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    other = path.read_text(encoding="utf-8", errors="replace").strip()
+                    raise LockError(
+                        f"{path}: another run holds the lock ({other or 'holder unknown'}); "
+                        f"waited {timeout_s:g} s. Fix: let it finish (the scheduler's next "
+                        "call picks up anything new), or raise runs.lock_timeout_s / "
+                        "--lock-timeout to wait longer") from None
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.01)))
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
+        os.fsync(fd)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def clean_stale_temps(*dirs: Path) -> list[Path]:
+    """Delete temporary files a killed run left behind (call with the lock held).
+
+    Parameters
+    ----------
+    *dirs : Path
+        Directories the stages write to.
+
+    Returns
+    -------
+    list of Path
+        The files removed (``.<name>.*.part*`` from :func:`pipeline.io.atomic_path`,
+        ``.<name>.*.tmp`` and ``.<name>.tmp-<pid>`` from the stages' own writers).
+    """
+    removed = []
+    pattern = re.compile(r"^\..+(\.part|\.tmp)")
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and pattern.match(p.name):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted run: %s",
+                    len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+# --------------------------------------------------------------------------- GeoPackage check
+def check_geopackage(path: Path) -> None:
+    """Check a GeoPackage before it replaces the published one.
+
+    Runs SQLite's ``PRAGMA integrity_check`` and checks that the file is a
+    GeoPackage (``gpkg_contents`` lists its layers).
+
+    Parameters
+    ----------
+    path : Path
+        The (temporary) GeoPackage.
+
+    Raises
+    ------
+    RuntimeError
+        Naming the file and what the check found.
+    """
+    uri = f"file:{Path(path).as_posix()}?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True)
+        try:
+            result = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+            n_layers = con.execute("SELECT count(*) FROM gpkg_contents").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise RuntimeError(f"{path}: not a readable GeoPackage ({exc})") from exc
+    if result != ["ok"]:
+        raise RuntimeError(f"{path}: GeoPackage integrity check failed: {result[:5]}")
+    if n_layers == 0:
+        raise RuntimeError(f"{path}: GeoPackage has no layers")
+
+
+# --------------------------------------------------------------------------- provenance
+def package_versions() -> dict[str, str]:
+    """Versions of Python, GDAL/PROJ and the packages that shape the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    try:
+        import pyogrio
+        import pyproj
+
+        out["GDAL"] = pyogrio.__gdal_version_string__
+        out["PROJ"] = pyproj.proj_version_str
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    return out
+
+
+def host_info() -> dict[str, Any]:
+    """Host name, platform, cores and user of this run."""
+    return {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "pid": os.getpid(),
+            "user": os.environ.get("USER") or os.environ.get("LOGNAME") or ""}
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique run id: ``YYYYmmddTHHMMSSZ-<6 hex>``."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def output_runs(runs_dir: Path) -> list[Path]:
+    """Run folders of successful runs that wrote outputs, oldest first."""
+    if not runs_dir.is_dir():
+        return []
+    out = []
+    for d in sorted(runs_dir.iterdir()):
+        m = d / "manifest.json"
+        if not (d.is_dir() and m.is_file()):
+            continue
+        try:
+            manifest = json.loads(m.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if manifest.get("status") == "ok" and (d / SNAPSHOT_BUILDINGS).is_file():
+            out.append(d)
+    return out
+
+
+def prune_runs(runs_dir: Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete run folders beyond the newest ``keep`` runs that wrote outputs.
+
+    Folders of runs without outputs (single stages, failures) are deleted
+    once they are older than the oldest output run kept.
+
+    Parameters
+    ----------
+    runs_dir : Path
+        ``outputs/runs``.
+    keep : int
+        Output runs to keep.
+    protect : Path, optional
+        A folder never deleted (the current run's).
+
+    Returns
+    -------
+    list of Path
+        The deleted folders.
+    """
+    kept = output_runs(runs_dir)[-keep:]
+    if not kept:
+        return []
+    oldest = kept[0].name
+    removed = []
+    for d in sorted(runs_dir.iterdir()):
+        if d.is_dir() and d not in kept and d != protect and d.name < oldest:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+# --------------------------------------------------------------------------- the run record
+class RunRecord:
+    """One run: its id, folder, manifest and log file.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration (with the drop sources).
+    config_path : Path
+        The config file.
+    base_dir : Path
+        Project root.
+    stages : tuple of str
+        Stages asked for.
+    argv : list of str, optional
+        The command line, for the manifest.
+    """
+
+    def __init__(self, cfg: PipelineConfig, config_path: Path, base_dir: Path,
+                 stages: tuple[str, ...], argv: list[str] | None = None):
+        self.cfg = cfg
+        self.config_path = Path(config_path)
+        self.base_dir = base_dir
+        self.outputs_dir = _resolve(cfg.paths.outputs_dir, base_dir)
+        self.processed_dir = _resolve(cfg.paths.processed_dir, base_dir)
+        self.runs_dir = self.outputs_dir / RUNS_DIR
+        self.run_id = new_run_id()
+        self.dir = self.runs_dir / self.run_id
+        self.keys: dict[str, tuple[str, dict[str, str]]] = {}
+        previous = output_runs(self.runs_dir)
+        self.previous_dir = previous[-1] if previous else None
+        self.manifest: dict[str, Any] = {
+            "run_id": self.run_id,
+            "status": "running",
+            "started": _now(),
+            "ended": None,
+            "command": argv if argv is not None else sys.argv,
+            "stages_requested": list(stages),
+            "config": {"path": str(self.config_path),
+                       "sha256": sha256_file(self.config_path),
+                       "hash": cfg.section_hash()},
+            "drop_files": [str(s.path) for s in cfg.sources if s.name.startswith("drop_")],
+            "previous_output_run": self.previous_dir.name if self.previous_dir else None,
+            "inputs": {},
+            "stages": {},
+            "outputs": {},
+            "packages": package_versions(),
+            "host": host_info(),
+        }
+        self._handler: logging.Handler | None = None
+
+    # -- keys
+    def key(self, stage: str) -> str:
+        """The stage's key from the current files (computed once per stage)."""
+        if stage not in self.keys:
+            self.keys[stage] = stage_key(self.cfg, stage, self.base_dir, self.config_path)
+        return self.keys[stage][0]
+
+    def up_to_date(self, stage: str) -> bool:
+        """Whether ``stage`` can be skipped (see :func:`is_up_to_date`)."""
+        return is_up_to_date(self.cfg, stage, self.base_dir, self.config_path, self.key(stage))
+
+    # -- log file
+    def open_log(self) -> Path:
+        """Start writing the run's log (INFO and up) to ``<run folder>/run.log``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "run.log"
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root, plog = logging.getLogger(), logging.getLogger("pipeline")
+        self._saved = (plog.level, [(h, h.level) for h in root.handlers])
+        for h in root.handlers:  # the console keeps its level (e.g. --quiet)
+            if h.level == logging.NOTSET:
+                h.setLevel(root.getEffectiveLevel())
+        plog.addHandler(handler)
+        plog.setLevel(logging.INFO)
+        self._handler = handler
+        return path
+
+    def close_log(self) -> None:
+        """Stop writing the log file."""
+        if self._handler is not None:
+            plog = logging.getLogger("pipeline")
+            plog.removeHandler(self._handler)
+            level, handlers = self._saved
+            plog.setLevel(level)
+            for h, lvl in handlers:
+                h.setLevel(lvl)
+            self._handler.close()
+            self._handler = None
+
+    # -- stages
+    def skip(self, stage: str, if_changed: bool) -> bool:
+        """Whether to skip ``stage``; records the skip. Call just before the stage.
+
+        The stage key is taken here, from the inputs as they are when the
+        stage starts: a file that changes while the stage reads it makes the
+        next run redo the stage.
+        """
+        self.keys.pop(stage, None)
+        self.key(stage)
+        if if_changed and self.up_to_date(stage):
+            self.stage_skipped(stage)
+            return True
+        return False
+
+    def stage_skipped(self, stage: str) -> None:
+        """Record a stage skipped because its outputs are up to date."""
+        stamp = read_stamp(self.cfg, stage, self.base_dir) or {}
+        self.manifest["stages"][stage] = {
+            "status": "up to date", "key": self.key(stage),
+            "outputs_from_run": stamp.get("run_id"),
+            "rows_in": stamp.get("rows_in"), "rows_out": stamp.get("rows_out"),
+        }
+        log.info("stage %s: up to date (outputs of run %s)", stage, stamp.get("run_id"))
+
+    def stage_done(self, stage: str, result: Any, duration_s: float,
+                   partitions: dict | None = None) -> None:
+        """Record a stage that ran and stamp its outputs with its key (see :meth:`skip`)."""
+        self.key(stage)
+        key, inputs = self.keys[stage]
+        _, outputs, _ = stage_io(self.cfg, stage, self.base_dir, self.config_path)
+        rows_in, rows_out, extra = stage_counts(stage, result)
+        if stage == "report" and rows_in is None:
+            rows_in, rows_out = _report_counts(inputs_dir=self.processed_dir,
+                                               gpkg=self.outputs_dir / "rooftop_pv.gpkg")
+        entry = {"status": "ran", "key": key, "duration_s": round(duration_s, 3),
+                 "rows_in": rows_in, "rows_out": rows_out, **extra,
+                 "inputs": inputs,
+                 "outputs": {p.name: sha256_file(p) for p in outputs if p.is_file()}}
+        if partitions:
+            entry["partitions"] = partitions
+        self.manifest["stages"][stage] = entry
+        self.manifest["inputs"].update(inputs)
+        stamp = {"stage": stage, "key": key, "run_id": self.run_id, "finished": _now(),
+                 "rows_in": rows_in, "rows_out": rows_out, "outputs": entry["outputs"]}
+        _write_json_atomic(stamp, _stamp_path(self.cfg, stage, self.base_dir))
+        for downstream in _after(stage):  # their inputs changed under them
+            self.keys.pop(downstream, None)
+
+    # -- finish
+    def keep_outputs(self) -> None:
+        """Copy the published outputs into the run folder.
+
+        Copies, not hard links: a planner who opens the published GeoPackage
+        read-write (QGIS does) must not change the kept one.
+        """
+        from pipeline.io import atomic_path
+
+        for name in KEPT_OUTPUTS:
+            src = self.outputs_dir / name
+            if not src.is_file():
+                continue
+            with atomic_path(self.dir / name) as tmp:
+                shutil.copy2(src, tmp)
+            self.manifest["outputs"][name] = sha256_file(self.dir / name)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Write the manifest; after a successful run with outputs, prune old runs."""
+        self.manifest["status"] = status
+        self.manifest["ended"] = _now()
+        if error:
+            self.manifest["error"] = error
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.manifest, self.dir / "manifest.json")
+        if status == "ok":
+            removed = prune_runs(self.runs_dir, self.cfg.runs.keep_runs, protect=self.dir)
+            if removed:
+                log.info("runs: removed %d old run folder(s) (keep_runs=%d)", len(removed),
+                         self.cfg.runs.keep_runs)
+
+
+def _after(stage: str) -> tuple[str, ...]:
+    from pipeline.cli import STAGES
+
+    return STAGES[STAGES.index(stage) + 1:]
+
+
+def stage_counts(stage: str, result: Any) -> tuple[int | None, int | None, dict]:
+    """Rows in and out from a stage runner's returned statistics.
+
+    Parameters
+    ----------
+    stage : str
+        The stage.
+    result : Any
+        What its runner returned.
+
+    Returns
+    -------
+    rows_in, rows_out : int or None
+        For ingest, features read and buildings kept (the rest are rejected).
+    extra : dict
+        ``rows_rejected`` for ingest.
+    """
+    if not isinstance(result, dict):
+        return None, None, {}
+    if stage == "ingest":
+        read = sum(int(a["read"]) for a in result.values())
+        kept = sum(int(a["kept"]) for a in result.values())
+        return read, kept, {"rows_rejected": read - kept}
+    rows_in, rows_out = result.get("rows_in"), result.get("rows_out")
+    return (int(rows_in) if rows_in is not None else None,
+            int(rows_out) if rows_out is not None else None, {})
+
+
+def _report_counts(inputs_dir: Path, gpkg: Path) -> tuple[int | None, int | None]:
+    """Buildings into the report stage and in the GeoPackage's ``buildings`` layer."""
+    import pyarrow.parquet as pq
+    import pyogrio
+
+    try:
+        rows_in = pq.read_metadata(inputs_dir / "yield_buildings.parquet").num_rows
+        rows_out = int(pyogrio.read_info(gpkg, layer="buildings")["features"])
+    except (OSError, ValueError, pyogrio.errors.DataSourceError):
+        return None, None
+    return rows_in, rows_out
+
+
+_CURRENT: list[RunRecord] = []
+
+
+def current() -> RunRecord | None:
+    """The run in progress in this process (None outside :func:`run_context`)."""
+    return _CURRENT[-1] if _CURRENT else None
+
+
+def append_history(runs_dir: Path, line: str) -> None:
+    """Append one line to ``outputs/runs/history.log`` (every call, incl. no-ops)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / HISTORY, "a", encoding="utf-8") as f:
+        f.write(f"{_now()} {line}\n")
+
+
+@contextlib.contextmanager
+def run_context(cfg: PipelineConfig, config_path: Path, base_dir: Path,
+                stages: tuple[str, ...], lock_timeout_s: float | None = None,
+                argv: list[str] | None = None) -> Iterator[RunRecord]:
+    """Lock, clean up, record and cache one run.
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The configuration (with the drop sources).
+    config_path : Path
+        The config file.
+    base_dir : Path
+        Project root.
+    stages : tuple of str
+        Stages asked for.
+    lock_timeout_s : float, optional
+        Override of ``runs.lock_timeout_s``.
+    argv : list of str, optional
+        The command line for the manifest.
+
+    Yields
+    ------
+    RunRecord
+        The run; the caller records stages on it. The manifest is written on
+        exit with status ``ok``, or ``failed`` and the error.
+    """
+    from pipeline.incremental import partition_cache
+
+    outputs_dir = _resolve(cfg.paths.outputs_dir, base_dir)
+    processed_dir = _resolve(cfg.paths.processed_dir, base_dir)
+    timeout = cfg.runs.lock_timeout_s if lock_timeout_s is None else lock_timeout_s
+    holder = (f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}, "
+              f"config {config_path}")
+    with run_lock(outputs_dir / LOCK_NAME, timeout, holder):
+        clean_stale_temps(outputs_dir, processed_dir)
+        record = RunRecord(cfg, config_path, base_dir, stages, argv)
+        _CURRENT.append(record)
+        try:
+            with partition_cache(processed_dir / CACHE_DIR, cfg.runs.partition_grid_m):
+                yield record
+        except BaseException as exc:
+            if not isinstance(exc, PipelineError):
+                log.error("run %s failed", record.run_id, exc_info=True)
+            if record.dir.exists():
+                record.finish("failed", f"{type(exc).__name__}: {exc}")
+                append_history(record.runs_dir, f"{record.run_id} failed: {exc}")
+            raise
+        else:
+            if record.dir.exists():
+                record.finish("ok")
+                ran = [s for s, e in record.manifest["stages"].items() if e["status"] == "ran"]
+                append_history(record.runs_dir, f"{record.run_id} ok: ran {', '.join(ran)}")
+        finally:
+            _CURRENT.remove(record)
+            record.close_log()

@@ -1,0 +1,455 @@
+"""Scheduled reruns: drop folder, partition cache, change report, lock, kill safety, make.
+
+A tiny hand-made project: two square districts (Alpha, Beta) of 2 km, four
+identical 40 m x 25 m flat factory roofs of the default height in each, 100 m
+apart. Each roof carries about 874 m2 (inside a 1 m setback) x 0.8 factory
+utilisation x 0.62 GCR (solstice rule) x 0.21 kWp/m2 = 91 kWp, so Beta's
+target of 0.6 MW is not reachable from its 4 roofs (0.37 MW) and reachable
+once 3 identical new roofs arrive (0.64 MW); the change report must show
+exactly those 3 roofs and a delta of 3 x the capacity of an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+import pytest
+import shapely
+import yaml
+
+from pipeline import changes, incremental, runs
+from pipeline.cli import main
+from pipeline.config import load_config
+from tests.conftest import ROOT
+
+X0, Y0 = 350_000.0, 3_450_000.0  # EPSG:32651, near Shanghai
+CRS = "EPSG:32651"
+
+
+def rect(x: float, y: float, w: float = 40.0, h: float = 25.0) -> shapely.Polygon:
+    return shapely.box(x, y, x + w, y + h)
+
+
+def roofs(ids: list[str], x0: float, y0: float) -> gpd.GeoDataFrame:
+    geoms = [rect(x0 + 100 * i, y0) for i in range(len(ids))]
+    return gpd.GeoDataFrame({"bid": ids, "name": [f"factory {i}" for i in ids],
+                             "building": "industrial"}, geometry=geoms, crs=CRS)
+
+
+def tiny_project(base: Path, epw: Path, grid_m: float | None = None) -> Path:
+    """A project root with the tiny inputs; returns its config file."""
+    raw = base / "data/raw/tiny"
+    raw.mkdir(parents=True)
+    (base / "data/raw/weather").mkdir(parents=True)
+    (base / "data/raw/weather" / epw.name).symlink_to(epw)
+    (base / "configs").symlink_to(ROOT / "configs")
+    gpd.GeoDataFrame({"name": ["Alpha", "Beta"], "adcode": ["900001", "900002"]},
+                     geometry=[shapely.box(X0, Y0, X0 + 2000, Y0 + 2000),
+                               shapely.box(X0 + 2000, Y0, X0 + 4000, Y0 + 2000)],
+                     crs=CRS).to_file(raw / "districts.gpkg")
+    b = pd.concat([roofs(["a1", "a2", "a3", "a4"], X0 + 100, Y0 + 100),
+                   roofs(["b1", "b2", "b3", "b4"], X0 + 2100, Y0 + 100)], ignore_index=True)
+    gpd.GeoDataFrame(b, crs=CRS).to_parquet(raw / "buildings.parquet")
+    cfg = yaml.safe_load((ROOT / "configs/shanghai.yaml").read_text(encoding="utf-8"))
+    cfg["name"] = "tiny"
+    cfg["dask"]["scheduler"] = "synchronous"
+    cfg["districts"] = {"path": "data/raw/tiny/districts.gpkg", "layer": None,
+                        "name_field": "name", "code_field": "adcode", "crs_if_missing": None}
+    cfg["sources"] = [{"name": "survey", "kind": "vector",
+                       "path": "data/raw/tiny/buildings.parquet", "id_field": "bid",
+                       "columns": {"name": "name", "tag_building": "building"}}]
+    cfg["weather"]["path"] = f"data/raw/weather/{epw.name}"
+    cfg["targets"] = [{"id": "beta", "district_name": "Beta", "required_mw": 0.6,
+                       "period": "2025", "source": "test"}]
+    cfg["heights"]["rasters"] = []  # heights from the default (no attribute, no raster)
+    cfg["runs"]["partition_grid_m"] = grid_m
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def drop_batch(base: Path, name: str = "batch1.gpkg") -> list[str]:
+    """Three new factory roofs in Beta, in the drop folder; their building ids."""
+    drop = base / "data/raw/drop"
+    drop.mkdir(parents=True, exist_ok=True)
+    # east of b1..b4 on the same row: the same latitude, so the same row spacing
+    new = roofs(["n1", "n2", "n3"], X0 + 2500, Y0 + 100).rename(columns={"bid": "id"})
+    new.to_file(drop / name)
+    return [f"drop_{Path(name).stem}:{i}" for i in ("n1", "n2", "n3")]
+
+
+def manifests(base: Path) -> list[dict]:
+    d = base / "outputs/runs"
+    return [json.loads((p / "manifest.json").read_text()) for p in sorted(d.iterdir())
+            if (p / "manifest.json").is_file()]
+
+
+def run_cli(base: Path, config: Path, *extra: str) -> int:
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        return main(["run", "--config", str(config), "-q", *extra])
+    finally:
+        os.chdir(cwd)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "ROOFTOP_PV_SCHEDULER": "synchronous"}
+
+
+# --------------------------------------------------------------------------- fast unit tests
+def snap(rows: list[tuple]) -> gpd.GeoDataFrame:
+    cols = ["building_key", "building_id", "source", "district_name", "building_type",
+            "capacity_kwp", "energy_mwh_per_year", "geometry_key"]
+    frame = pd.DataFrame([r[:-1] for r in rows], columns=cols)
+    return gpd.GeoDataFrame(frame, geometry=[r[-1] for r in rows], crs=CRS)
+
+
+def test_compare_lists_added_removed_and_changed():
+    g = rect(0, 0)
+    prev = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g),
+                 ("s:b", "s:b", "s", "A", "school", 20.0, 24.0, "k2", g),
+                 ("s:c", "s:c", "s", "B", "factory", 5.0, 6.0, "k3", g)])
+    cur = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g),
+                ("s:b", "s:b", "s", "A", "government", 26.0, 31.0, "k2", g),
+                ("s:d", "s:d", "s", "B", "factory", 7.0, 8.0, "k4", g)])
+    ch = changes.compare(prev, cur).set_index("building_key")
+    assert ch["change"].to_dict() == {"s:d": "added", "s:c": "removed", "s:b": "changed"}
+    assert ch.loc["s:b", "changed_fields"] == "type,capacity"
+    assert ch.loc["s:b", "capacity_delta_kwp"] == pytest.approx(6.0)
+    assert ch.loc["s:c", "capacity_delta_kwp"] == pytest.approx(-5.0)
+    assert ch.loc["s:d", "energy_delta_mwh_per_year"] == pytest.approx(8.0)
+    dprev = pd.DataFrame({"district_name": ["A", "B"], "target_verdict": [None, "no"],
+                          "rule_verdict": ["x", "y"]})
+    dcur = pd.DataFrame({"district_name": ["A", "B"], "target_verdict": [None, "yes"],
+                         "rule_verdict": ["x", "y"]})
+    d = changes.district_deltas(prev, cur, changes.compare(prev, cur), dprev, dcur)
+    d = d.set_index("district_name")
+    assert d.loc["A", "capacity_delta_kwp"] == pytest.approx(6.0)  # 36 - 30
+    assert d.loc["B", "capacity_delta_kwp"] == pytest.approx(2.0)  # 7 - 5
+    assert (d.loc["B", ["n_added", "n_removed", "n_changed"]].tolist() == [1, 1, 0])
+    assert d["verdict_flipped"].to_dict() == {"A": False, "B": True}
+    assert changes.compare(cur, cur).empty
+
+
+def test_geometry_key_ignores_vertex_order_and_keys_repeat():
+    a = shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
+    b = shapely.Polygon([(10, 5), (0, 5), (0, 0), (10, 0)])  # same square, other start
+    c = shapely.Polygon([(0, 0), (10, 0), (10, 5.5), (0, 5)])
+    k = changes.geometry_keys(gpd.GeoSeries([a, b, c], crs=CRS))
+    assert k[0] == k[1] != k[2]
+    frame = gpd.GeoDataFrame({"building_id": ["t:0", "t:1", "o:x"], "source": ["t", "t", "o"]},
+                             geometry=[a, b, a], crs=CRS)
+    keys = changes.building_keys(frame, {"t"})
+    assert keys[0] == f"t:geom:{k[0]}" and keys[1] == f"t:geom:{k[0]}#1" and keys[2] == "o:x"
+
+
+def test_partition_cache_computes_only_changed_partitions(tmp_path):
+    seen: list[list[str]] = []
+
+    def compute(rows, kernel, *args, **kwargs):
+        seen.append(sorted(rows["building_id"]))
+        return kernel(rows, *args, **kwargs)
+
+    def area_kernel(part, factor):
+        out = part.copy()
+        out["x_m2"] = part.geometry.area * factor
+        return out
+
+    frame = gpd.GeoDataFrame({"building_id": ["a1", "a2", "b1"],
+                              "district_adcode": ["1", "1", "2"]},
+                             geometry=[rect(0, 0), rect(100, 0), rect(3000, 0, 10, 10)],
+                             crs=CRS, index=[7, 8, 9])
+    cache = incremental.PartitionCache(tmp_path, grid_m=None)
+    first = cache.map_partitions(frame, area_kernel, (2.0,), {}, compute)
+    assert seen == [["a1", "a2", "b1"]] and first["x_m2"].tolist() == [2000.0, 2000.0, 200.0]
+    cache.take_stats()
+    # one more building in district 2, rows shifted: district 1 is reused
+    frame2 = pd.concat([frame.iloc[[2]], frame.iloc[:2],
+                        gpd.GeoDataFrame({"building_id": ["b2"], "district_adcode": ["2"]},
+                                         geometry=[rect(3100, 0, 5, 5)], crs=CRS, index=[1])])
+    second = cache.map_partitions(frame2, area_kernel, (2.0,), {}, compute)
+    assert seen[1] == ["b1", "b2"]
+    pd.testing.assert_frame_equal(second, area_kernel(frame2, 2.0))
+    stats = cache.take_stats()[f"{__name__}.test_partition_cache_computes_only_changed_"
+                               "partitions.<locals>.area_kernel"]
+    assert stats["computed_keys"] == ["2"] and stats["reused"] == 1
+    # another argument is another key: everything recomputes
+    cache.map_partitions(frame2, area_kernel, (3.0,), {}, compute)
+    assert seen[2] == ["a1", "a2", "b1", "b2"]
+
+
+def test_check_geopackage_refuses_a_damaged_file(tmp_path):
+    gpkg = tmp_path / "x.gpkg"
+    gpd.GeoDataFrame({"v": range(200)}, geometry=[rect(i, 0) for i in range(200)],
+                     crs=CRS).to_file(gpkg)
+    runs.check_geopackage(gpkg)
+    data = bytearray(gpkg.read_bytes())
+    data[4096 * 3:4096 * 3 + 2048] = b"\xff" * 2048  # garble a page of the table
+    bad = tmp_path / "bad.gpkg"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="bad.gpkg"):
+        runs.check_geopackage(bad)
+    (tmp_path / "empty.gpkg").write_bytes(b"not sqlite at all" * 10)
+    with pytest.raises(RuntimeError, match="not a readable GeoPackage"):
+        runs.check_geopackage(tmp_path / "empty.gpkg")
+
+
+def test_lock_refuses_a_second_holder_with_its_name(tmp_path):
+    lock = tmp_path / "lock"
+    with runs.run_lock(lock, 0, "pid 1 on host, run A"):
+        t0 = time.monotonic()
+        with pytest.raises(runs.LockError, match="another run holds the lock.*run A"):
+            with runs.run_lock(lock, 0.5):
+                pass
+        assert time.monotonic() - t0 >= 0.5  # it waited the timeout
+    with runs.run_lock(lock, 0):  # released
+        pass
+
+
+def test_prune_keeps_the_newest_output_runs(tmp_path):
+    for i, (status, snapshot) in enumerate([("ok", True), ("ok", False), ("ok", True),
+                                            ("failed", True), ("ok", True), ("ok", True)]):
+        d = tmp_path / f"2025010{i}T000000Z-aaaaaa"
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"status": status}))
+        if snapshot:
+            (d / runs.SNAPSHOT_BUILDINGS).write_text("x")
+    removed = runs.prune_runs(tmp_path, keep=2)
+    assert sorted(p.name[:9] for p in removed) == ["20250100T", "20250101T", "20250102T",
+                                                   "20250103T"]
+    assert [p.name[:9] for p in runs.output_runs(tmp_path)] == ["20250104T", "20250105T"]
+
+
+def test_drop_files_become_sources(tmp_path):
+    cfg = load_config(ROOT / "configs/shanghai.yaml")
+    assert runs.with_drop_sources(cfg, tmp_path) is cfg  # no drop folder
+    drop = tmp_path / "data/raw/drop"
+    drop.mkdir(parents=True)
+    for name in ("Batch 2.geojson", "batch_2.gpkg", ".partial.gpkg", "notes.txt"):
+        (drop / name).write_text("{}")
+    out = runs.with_drop_sources(cfg, tmp_path)
+    extra = out.sources[len(cfg.sources):]
+    assert [s.name for s in extra] == ["drop_batch_2", "drop_batch_2_gpkg"]
+    assert [s.path.as_posix() for s in extra] == ["data/raw/drop/Batch 2.geojson",
+                                                 "data/raw/drop/batch_2.gpkg"]
+    assert extra[0].id_field == "id" and extra[0].columns == dict(cfg.runs.drop.columns)
+
+
+# --------------------------------------------------------------------------- pipeline runs
+@pytest.fixture
+def tiny(tmp_path, iwec_epw):
+    base = tmp_path / "project"
+    base.mkdir()
+    return base, tiny_project(base, iwec_epw)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_once(tmp_path_factory, iwec_epw):
+    """The tiny project after one successful run (copied by :func:`tiny_done`)."""
+    base = tmp_path_factory.mktemp("tiny_done") / "project"
+    base.mkdir()
+    config = tiny_project(base, iwec_epw)
+    assert run_cli(base, config) == 0
+    return base
+
+
+@pytest.fixture
+def tiny_done(tiny_run_once, tmp_path):
+    """A fresh copy of the tiny project after its first run (relative paths, links kept)."""
+    base = tmp_path / "project"
+    shutil.copytree(tiny_run_once, base, symlinks=True)
+    return base, base / "tiny.yaml"
+
+
+@pytest.mark.slow
+def test_drop_file_recomputes_its_district_and_is_reported(tiny_done, tmp_path, iwec_epw,
+                                                            capsys):
+    base, config = tiny_done
+    (first,) = manifests(base)
+    assert first["status"] == "ok" and first["previous_output_run"] is None
+    assert first["stages"]["ingest"]["rows_in"] == 8 and first["stages"]["yield"]["rows_out"] == 8
+    for key in ("run_id", "started", "ended", "inputs", "config", "packages", "host"):
+        assert first[key]
+    assert "data/raw/tiny/buildings.parquet" in first["inputs"]
+    assert (base / "outputs/runs" / first["run_id"] / "run.log").read_text().count("rows") >= 3
+
+    # unchanged: nothing to do, no new run record
+    capsys.readouterr()
+    assert run_cli(base, config, "--if-changed") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(manifests(base)) == 1
+    assert "nothing to do" in (base / "outputs/runs/history.log").read_text()
+
+    added = drop_batch(base)
+    assert run_cli(base, config, "--if-changed") == 0
+    second = manifests(base)[-1]
+    assert second["previous_output_run"] == first["run_id"]
+    assert second["drop_files"] == ["data/raw/drop/batch1.gpkg"]
+    for stage, kernel in (("classify", "pipeline.classify.classify_buildings"),
+                          ("roof", "pipeline.roof.roof_kernel"),
+                          ("shading", "pipeline.shading.shading_kernel"),
+                          ("yield", "pipeline.planes.join_plane_yield")):
+        p = second["stages"][stage]["partitions"][kernel]
+        assert p["computed_keys"] == ["900002"], (stage, p)  # Beta only
+        assert p["reused"] == 1 and p["rows_computed"] == 7
+    assert second["stages"]["ingest"]["partitions"]["pipeline.ingest.normalise_footprints"][
+        "reused"] == 1  # the unchanged survey source
+
+    gpkg = base / "outputs/rooftop_pv.gpkg"
+    first_buildings = pyogrio.read_dataframe(
+        base / "outputs/runs" / first["run_id"] / "rooftop_pv.gpkg", layer="buildings")
+    roof_kwp = first_buildings.set_index("building_id").loc["survey:b1", "capacity_kwp"]
+    assert 80 < roof_kwp < 100  # 874 m2 x 0.8 x ~0.62 x 0.21 kWp/m2
+    ch = pyogrio.read_dataframe(gpkg, layer="changes")
+    assert sorted(ch["building_id"]) == added and set(ch["change"]) == {"added"}
+    assert ch["capacity_kwp"].to_numpy() == pytest.approx([roof_kwp] * 3, rel=1e-5)
+    d = pyogrio.read_dataframe(gpkg, layer="changes_districts").set_index("district_name")
+    assert d.loc["Beta", "capacity_delta_kwp"] == pytest.approx(3 * roof_kwp, rel=1e-5)
+    assert d.loc["Alpha", "capacity_delta_kwp"] == pytest.approx(0.0)
+    assert d.loc["Beta", "target_verdict_previous"].startswith("not reachable")
+    assert d.loc["Beta", "target_verdict"] == "reachable"
+    assert bool(d.loc["Beta", "verdict_flipped"]) and not bool(d.loc["Alpha", "verdict_flipped"])
+    run = pyogrio.read_dataframe(gpkg, layer="run")
+    assert run.loc[0, "run_id"] == second["run_id"]
+    meta = pyogrio.read_info(gpkg, layer="buildings")["dataset_metadata"]
+    assert meta["ROOFTOP_PV_RUN_ID"] == second["run_id"]
+    assert run.loc[0, "previous_run_id"] == first["run_id"]
+    md = (base / "outputs/report.md").read_text(encoding="utf-8")
+    assert "## Changes since the previous run" in md and "3 buildings added, 0 removed" in md
+    assert second["changes"]["added"] == 3
+    assert second["changes"]["verdicts_flipped"] == ["Beta"]
+    # previous outputs kept in their run folder
+    assert len(first_buildings) == 8
+
+    # the incremental result equals a cold run on the same inputs
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    cold_config = tiny_project(cold, iwec_epw)
+    drop_batch(cold)
+    assert run_cli(cold, cold_config) == 0
+    for name in ("yield_buildings.parquet", "ingest_rejected.parquet"):
+        pd.testing.assert_frame_equal(gpd.read_parquet(base / "data/processed" / name),
+                                      gpd.read_parquet(cold / "data/processed" / name))
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import pyogrio
+real = pyogrio.write_dataframe
+def slow(df, path, **kw):
+    real(df, path, **kw)
+    Path(sys.argv[1]).write_text(str(path))  # a layer is in the temporary file
+    time.sleep(120)
+pyogrio.write_dataframe = slow
+from pipeline.cli import main
+sys.exit(main(["run", "--config", sys.argv[2], "--stage", "report", "-q"]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_leaves_previous_geopackage(tiny_done, tmp_path):
+    base, config = tiny_done
+    gpkg = base / "outputs/rooftop_pv.gpkg"
+    before = runs.sha256_file(gpkg)
+    flag = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(flag), str(config)],
+                            cwd=base, env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None, "the run ended before it wrote the GeoPackage"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        tmp_gpkg = Path(flag.read_text())
+        assert tmp_gpkg.parent == gpkg.parent and tmp_gpkg.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert runs.sha256_file(gpkg) == before  # untouched
+    runs.check_geopackage(gpkg)
+    assert len(pyogrio.read_dataframe(gpkg, layer="buildings")) == 8
+    assert tmp_gpkg.exists()  # the killed run's half-written file
+    assert run_cli(base, config, "--stage", "report") == 0  # the next run completes
+    assert not tmp_gpkg.exists()
+    runs.check_geopackage(gpkg)
+    assert manifests(base)[-1]["status"] == "ok"
+    assert manifests(base)[-1]["stages"]["report"]["rows_out"] == 8
+
+    # a run that fails (a drop file without the mapped field) changes nothing published
+    after = runs.sha256_file(gpkg)
+    drop = base / "data/raw/drop"
+    drop.mkdir(parents=True)
+    roofs(["x1"], X0 + 2100, Y0 + 900).drop(columns="building").to_file(drop / "bad.gpkg")
+    assert run_cli(base, config) == 2
+    assert runs.sha256_file(gpkg) == after
+    failed = manifests(base)[-1]
+    assert failed["status"] == "failed" and "building" in failed["error"]
+    assert "bad.gpkg" in failed["error"]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_wait_or_exit_with_the_lock_message(tiny_done):
+    base, config = tiny_done
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(config), "--stage",
+           "report", "-q"]
+    lock = base / "outputs" / runs.LOCK_NAME
+    with runs.run_lock(lock, 0, "pid 4242, the other run"):
+        refused = subprocess.run(cmd, cwd=base, env=subprocess_env(), capture_output=True,
+                                 text=True, timeout=120)
+        waiting = subprocess.Popen([*cmd, "--lock-timeout", "120"], cwd=base,
+                                   env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the lock
+    assert refused.returncode == runs.EXIT_LOCKED == 3
+    assert "another run holds the lock (pid 4242, the other run)" in refused.stderr
+    _, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err  # it ran once the lock was released
+    # both started together: they run one after the other
+    procs = [subprocess.Popen([*cmd, "--lock-timeout", "120"], cwd=base, env=subprocess_env())
+             for _ in range(2)]
+    assert [p.wait(180) for p in procs] == [0, 0]
+    a, b = sorted(manifests(base)[-2:], key=lambda m: m["started"])
+    assert a["ended"] <= b["started"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_second_make_all_does_no_stage_work(tiny, tmp_path):
+    base, config = tiny
+    shutil.copy(ROOT / "Makefile", base / "Makefile")
+    (base / "pipeline").symlink_to(ROOT / "pipeline")
+    shutil.copy(ROOT / "pyproject.toml", base / "pyproject.toml")
+    venv = base / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()  # newer than pyproject.toml
+    sample = tmp_path / "empty_sample"
+    sample.mkdir()
+    (base / "data/raw/shanghai").mkdir(parents=True)
+    (base / "data/raw/shanghai/.complete").touch()
+    args = ["make", "-C", str(base), f"PY={sys.executable}", f"VENV={venv}",
+            f"CONFIG={config.name}", f"SAMPLE_DIR={sample}", "SCHEDULER=synchronous"]
+    env = subprocess_env()
+    first = subprocess.run([*args, "all"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("-m pipeline run") == 6
+    assert subprocess.run([*args, "-q", "all"], env=env).returncode == 0  # up to date
+    again = subprocess.run([*args, "all"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "-m pipeline run" not in again.stdout
+    time.sleep(1.1)  # a new mtime
+    drop_batch(base)
+    assert subprocess.run([*args, "-q", "all"], env=env).returncode == 1  # the drop folder
