@@ -70,6 +70,8 @@ sources:
     text = re.sub(r"outputs_dir: \S+", f"outputs_dir: {workdir / 'outputs'}", text)
     text = re.sub(r"scheduler: \S+", f"scheduler: {scheduler}", text)
     text = re.sub(r"n_workers: \S+", f"n_workers: {workers}", text)
+    # one-off large runs stream row groups; the rerun cache is for scheduled reruns
+    text = re.sub(r"partition_cache: \S+", "partition_cache: false", text)
     path = workdir / f"config_{scheduler}_{workers}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -48,6 +48,7 @@ from typing import Literal
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import InputError
@@ -266,23 +267,61 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
                     if h <= 0 or w <= 0:
                         continue
                     data = ds.read(1, window=win)
-                    burnt = rasterio.features.rasterize(
-                        zip(geoms.array[sel], range(1, len(sel) + 1), strict=True),
-                        out_shape=(h, w), transform=_window_transform(ds.transform, win), fill=0,
-                        dtype="int32")
                     heights = data.astype("float64") * f.height_scale_m_per_unit
-                    ok = (burnt > 0) & (heights >= f.min_height_m)
+                    valid = heights >= f.min_height_m
                     if np.isfinite(f.nodata):
-                        ok &= data != f.nodata
-                    lab = sel[burnt[ok] - 1]
-                    labels_all.append(lab)
-                    values_all.append(heights[ok])
-                    counts = np.bincount(lab, minlength=n)[sel]
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        share[sel] += np.where(areas[sel] > 0, counts * px_area / areas[sel], 0)
+                        valid &= data != f.nodata
+                    # overlapping footprints are burnt in separate layers, so that each
+                    # building gets all of its pixels whatever else is in the block
+                    for layer in _overlap_free_layers(geoms.array[sel]):
+                        lsel = sel[layer]
+                        burnt = rasterio.features.rasterize(
+                            zip(geoms.array[lsel], range(1, len(lsel) + 1), strict=True),
+                            out_shape=(h, w), transform=_window_transform(ds.transform, win),
+                            fill=0, dtype="int32")
+                        ok = (burnt > 0) & valid
+                        lab = lsel[burnt[ok] - 1]
+                        labels_all.append(lab)
+                        values_all.append(heights[ok])
+                        counts = np.bincount(lab, minlength=n)[lsel]
+                        with np.errstate(divide="ignore", invalid="ignore"):
+                            share[lsel] += np.where(areas[lsel] > 0,
+                                                    counts * px_area / areas[lsel], 0)
     labels = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     values = np.concatenate(values_all) if values_all else np.zeros(0)
     return _group_median(labels, values, n), np.minimum(share, 1.0)
+
+
+def _overlap_free_layers(geoms: np.ndarray) -> list[np.ndarray]:
+    """Split geometries into groups in which no two overlap (by area).
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints in one raster block.
+
+    Returns
+    -------
+    list of ndarray
+        Positions into ``geoms``, one array per layer; usually a single layer.
+    """
+    n = len(geoms)
+    tree = shapely.STRtree(geoms)
+    a, b = tree.query(geoms, predicate="intersects")
+    keep = a < b
+    a, b = a[keep], b[keep]
+    if len(a):
+        real = shapely.area(shapely.intersection(geoms[a], geoms[b])) > 0
+        a, b = a[real], b[real]
+    layer = np.zeros(n, dtype=np.int64)
+    if len(a):
+        neighbours: dict[int, list[int]] = {}
+        for i, j in zip(a.tolist(), b.tolist(), strict=True):
+            neighbours.setdefault(j, []).append(i)
+        for j in sorted(neighbours):  # greedy colouring in input order
+            used = {int(layer[i]) for i in neighbours[j]}
+            layer[j] = next(k for k in range(len(used) + 1) if k not in used)
+    return [np.flatnonzero(layer == k) for k in range(int(layer.max()) + 1 if n else 0)]
 
 
 def building_heights(part: gpd.GeoDataFrame, cfg: HeightsConfig, index: pd.DataFrame

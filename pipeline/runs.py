@@ -101,6 +101,7 @@ class RunsConfig(BaseModel):
 
     keep_runs: int = Field(default=5, ge=1)
     lock_timeout_s: float = Field(default=0.0, ge=0)
+    partition_cache: bool = True
     partition_grid_m: float | None = Field(default=5000.0, gt=0)
     drop: DropConfig = DropConfig()
 
@@ -872,7 +873,9 @@ def run_context(cfg: PipelineConfig, config_path: Path, base_dir: Path,
         record = RunRecord(cfg, config_path, base_dir, stages, argv)
         _CURRENT.append(record)
         try:
-            with partition_cache(processed_dir / CACHE_DIR, cfg.runs.partition_grid_m):
+            cache = (partition_cache(processed_dir / CACHE_DIR, cfg.runs.partition_grid_m)
+                     if cfg.runs.partition_cache else contextlib.nullcontext())
+            with cache:
                 yield record
         except BaseException as exc:
             if not isinstance(exc, PipelineError):

@@ -122,3 +122,18 @@ def test_group_median_and_config_checks():
         HeightsConfig(source_order=["raster", "raster"])
     with pytest.raises(ValidationError):
         HeightsConfig(storey_heigth_m=3.0)
+
+
+def test_overlapping_footprints_are_burnt_in_separate_layers():
+    """Overlapping footprints must not steal each other's pixels (partition-independent)."""
+    import numpy as np
+    from shapely.geometry import box
+
+    from pipeline.heights import _overlap_free_layers
+
+    geoms = np.array([box(0, 0, 10, 10), box(5, 0, 15, 10), box(20, 0, 30, 10),
+                      box(10, 0, 20, 10)], dtype=object)
+    layers = _overlap_free_layers(geoms)
+    # A and D only touch (no shared area): same layer; B overlaps both: its own layer
+    assert [x.tolist() for x in layers] == [[0, 2, 3], [1]]
+    assert [x.tolist() for x in _overlap_free_layers(geoms[[0, 2]])] == [[0, 1]]
