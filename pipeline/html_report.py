@@ -209,8 +209,8 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     types = set(view["building_type"].astype(object))
     handles = [Patch(facecolor=_hex(rgb), edgecolor="#333333", label=label)
                for t, (rgb, label) in TYPE_STYLE.items() if t in types]
-    handles.append(Patch(facecolor="none", edgecolor="#b2182b", label="roofs that reach the "
-                         "target 达成目标的屋顶 (rank 排序)"))
+    handles.append(Patch(facecolor="none", edgecolor="#b2182b", label="roofs toward the target, "
+                         "all of them if the input falls short 目标屋顶清单 (rank 排序)"))
     ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
     ax.set_title(f"建筑与优先屋顶 Buildings and ranked roofs: {target_id} "
                  f"({window_m / 1000:.1f} km window)")

@@ -290,7 +290,7 @@ def target_plan_qml(columns: list[str], label_top_n: int) -> str:
         The QML document.
     """
     root = _root()
-    cats = [("in list", "roofs that reach the target 达成目标的屋顶",
+    cats = [("in list", "roofs toward the target (all if the input falls short) 目标屋顶清单",
              {"kind": "fill", "fill": "255,127,0,0", "outline": "178,24,43,255",
               "width_mm": 0.6}),
             ("later", "further ranked roofs 其余屋顶",
