@@ -350,7 +350,9 @@ import pyogrio
 real = pyogrio.write_dataframe
 def slow(df, path, **kw):
     real(df, path, **kw)
-    Path(sys.argv[1]).write_text(str(path))  # a layer is in the temporary file
+    flag = Path(sys.argv[1])  # a layer is in the temporary file: say so, atomically
+    flag.with_suffix(".part").write_text(str(path))
+    flag.with_suffix(".part").replace(flag)
     time.sleep(120)
 pyogrio.write_dataframe = slow
 from pipeline.cli import main
@@ -379,6 +381,7 @@ def test_sigkill_while_writing_leaves_previous_geopackage(tiny_done, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
     assert runs.sha256_file(gpkg) == before  # untouched
     runs.check_geopackage(gpkg)
