@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -275,10 +276,8 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
                     # building gets all of its pixels whatever else is in the block
                     for layer in _overlap_free_layers(geoms.array[sel]):
                         lsel = sel[layer]
-                        burnt = rasterio.features.rasterize(
-                            zip(geoms.array[lsel], range(1, len(lsel) + 1), strict=True),
-                            out_shape=(h, w), transform=_window_transform(ds.transform, win),
-                            fill=0, dtype="int32")
+                        burnt = _burn(geoms.array[lsel], (h, w),
+                                      _window_transform(ds.transform, win))
                         ok = (burnt > 0) & valid
                         lab = lsel[burnt[ok] - 1]
                         labels_all.append(lab)
@@ -290,6 +289,39 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
     labels = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     values = np.concatenate(values_all) if values_all else np.zeros(0)
     return _group_median(labels, values, n), np.minimum(share, 1.0)
+
+
+def _burn(geoms: np.ndarray, shape: tuple[int, int], transform: object) -> np.ndarray:
+    """Rasterize footprints as labels 1..n (0 = none) on a window grid.
+
+    ``rasterio.features.rasterize`` builds an in-memory GDAL dataset and, for
+    some windows, rasterio warns ``NotGeoreferencedWarning`` while creating it
+    although the explicit ``transform`` is used for the burn (a known rasterio
+    quirk, cf. cogeotiff/rio-tiler#627). That one warning is ignored here, for
+    this call only; every other warning still surfaces.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints in the raster's CRS, none overlapping another.
+    shape : tuple of int
+        Window height and width [px].
+    transform : Affine
+        The window's transform.
+
+    Returns
+    -------
+    ndarray
+        int32 labels: position in ``geoms`` + 1, 0 outside every footprint.
+    """
+    import rasterio.errors
+    import rasterio.features
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.features.rasterize(
+            zip(geoms, range(1, len(geoms) + 1), strict=True), out_shape=shape,
+            transform=transform, fill=0, dtype="int32")
 
 
 def _overlap_free_layers(geoms: np.ndarray) -> list[np.ndarray]:
