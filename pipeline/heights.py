@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -291,14 +292,18 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
     return _group_median(labels, values, n), np.minimum(share, 1.0)
 
 
+_BURN_LOCK = threading.Lock()
+
+
 def _burn(geoms: np.ndarray, shape: tuple[int, int], transform: object) -> np.ndarray:
     """Rasterize footprints as labels 1..n (0 = none) on a window grid.
 
     ``rasterio.features.rasterize`` builds an in-memory GDAL dataset and, for
     some windows, rasterio warns ``NotGeoreferencedWarning`` while creating it
     although the explicit ``transform`` is used for the burn (a known rasterio
-    quirk, cf. cogeotiff/rio-tiler#627). That one warning is ignored here, for
-    this call only; every other warning still surfaces.
+    quirk, cf. cogeotiff/rio-tiler#627; seen here only with concurrent burns
+    from several threads). Burns are serialised per process, and that one
+    warning is ignored for this call only; every other warning still surfaces.
 
     Parameters
     ----------
@@ -317,7 +322,9 @@ def _burn(geoms: np.ndarray, shape: tuple[int, int], transform: object) -> np.nd
     import rasterio.errors
     import rasterio.features
 
-    with warnings.catch_warnings():
+    # one burn at a time per process: GDAL's in-memory dataset creation is not safe to race
+    # from several threads, and warnings.catch_warnings is process-wide
+    with _BURN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         return rasterio.features.rasterize(
             zip(geoms, range(1, len(geoms) + 1), strict=True), out_shape=shape,
