@@ -254,6 +254,10 @@ class ClassifyConfig(BaseModel):
         Extra POI point layers.
     area_layers : list of AreaLayerConfig
         Extra land-use / campus polygon layers.
+    evaluation_max_buildings : int, optional
+        Buildings the classifier evaluation runs on at most [buildings]: a
+        larger input is evaluated on a deterministic sample of this size
+        (by a hash of ``building_id``); None evaluates every building.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -262,6 +266,7 @@ class ClassifyConfig(BaseModel):
     overrides_file: Path | None = None
     poi_layers: list[PoiLayerConfig] = Field(default_factory=list)
     area_layers: list[AreaLayerConfig] = Field(default_factory=list)
+    evaluation_max_buildings: int | None = Field(default=100_000, gt=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.classify import (
     BUILDING_TYPES,
@@ -439,12 +440,37 @@ def labelled_predictions(
     return out
 
 
+def sample_mask(building_id: pd.Series, share: float) -> np.ndarray:
+    """Deterministic sample of buildings by a hash of their id.
+
+    Parameters
+    ----------
+    building_id : Series
+        Building ids (compared as text).
+    share : float
+        Share of buildings to keep [-]; 1 keeps all.
+
+    Returns
+    -------
+    ndarray of bool
+        True for the sampled rows; the same id is always in or out,
+        whichever partition it is in.
+    """
+    if share >= 1.0:
+        return np.ones(len(building_id), dtype=bool)
+    digest = pd.util.hash_array(building_id.astype(str).to_numpy(dtype=object))
+    return (digest % np.uint64(1_000_000)) < np.uint64(round(share * 1_000_000))
+
+
 def _partition_predictions(path: str, row_groups: list[int], areas: gpd.GeoDataFrame,
                            pois: gpd.GeoDataFrame, rules: ClassificationRules,
-                           cbdc_labels: pd.DataFrame) -> list[tuple[str, pd.Series, pd.Series]]:
+                           cbdc_labels: pd.DataFrame, share: float = 1.0,
+                           ) -> list[tuple[str, pd.Series, pd.Series]]:
     from pipeline.stream import read_partition
 
     part = read_partition(Path(path), row_groups)
+    if share < 1.0:
+        part = part[sample_mask(part["building_id"], share)]
     pairs = labelled_predictions(part, areas, pois, rules, cbdc_labels)
     # plain object series: small to send back, and equal whatever the partition
     return [(t, y.astype(object).reset_index(drop=True),
@@ -453,7 +479,7 @@ def _partition_predictions(path: str, row_groups: list[int], areas: gpd.GeoDataF
 
 
 def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_file: Path,
-                     out: Path) -> list[EvalResult]:
+                     out: Path, max_buildings: int | None = None) -> list[EvalResult]:
     """Evaluate on the ingest outputs and write the tables as Markdown.
 
     The buildings are streamed partition by partition (each classified by a
@@ -467,6 +493,9 @@ def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_fi
         The rule tables.
     out : Path
         Markdown file to write (atomically).
+    max_buildings : int, optional
+        Above this many input buildings, evaluate a deterministic sample of
+        about this size (:func:`sample_mask`) [buildings]; None: all.
 
     Returns
     -------
@@ -482,7 +511,9 @@ def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_fi
     pois = _read_optional(str(pois_in), crs)
     rules, labels = load_rules(rules_file), read_cbdc_labels(DEFAULT_CBDC_LABELS)
     parts = partitions(Path(buildings_in))
-    tasks = [(str(buildings_in), p, areas, pois, rules, labels) for p in parts]
+    n_rows = pq.ParquetFile(buildings_in).metadata.num_rows
+    share = 1.0 if max_buildings is None or n_rows <= max_buildings else max_buildings / n_rows
+    tasks = [(str(buildings_in), p, areas, pois, rules, labels, share) for p in parts]
     sets: dict[str, tuple[list, list]] = {}
     for pairs in map_tasks(_partition_predictions, tasks, label="classify evaluation"):
         for title, truth, predicted in pairs:
@@ -496,6 +527,10 @@ def write_evaluation(buildings_in: Path, areas_in: Path, pois_in: Path, rules_fi
                         pd.concat(sets[t][1], ignore_index=True), title=t)
                for t in sorted(sets, key=lambda t: order.index(t) if t in order else 99)]
     text = "\n\n".join(to_markdown(r) for r in results) or "No labelled buildings in the input."
+    if share < 1.0:
+        text = (f"Evaluated on a deterministic sample of {share:.2%} of the {n_rows:,} input "
+                f"buildings (by a hash of building_id; config key "
+                f"classify.evaluation_max_buildings = {max_buildings:,}).\n\n" + text)
     with atomic_path(out) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return results

@@ -97,7 +97,8 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
                     proc / "ingest_buildings.parquet", proc / "ingest_areas.parquet",
                     proc / "ingest_pois.parquet",
                     rules if rules.is_absolute() else base_dir / rules,
-                    proc / "classify_evaluation.md")
+                    proc / "classify_evaluation.md",
+                    max_buildings=cfg.classify.evaluation_max_buildings)
             elif stage == "roof":
                 results[stage] = roof.run(cfg, base_dir)
             elif stage == "shading":

@@ -734,7 +734,10 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
     -------
     list of (chunk, building_ids)
         ``chunk`` is ``("frame", gdf, offset)``, ``("parquet", path,
-        row_groups, offset)`` or ``("gdal", path, skip, count, offset)``
+        row_groups, rows, offset)`` (``rows`` a ``(start, stop)`` slice of
+        those row groups' rows, or None for all; a row group larger than
+        the partition size is read in slices so that the workers share
+        even tasks) or ``("gdal", path, skip, count, offset)``
         for :func:`read_chunk`; ``building_ids`` the ids of its rows.
     """
     import pyogrio
@@ -754,11 +757,16 @@ def source_chunks(src: SourceConfig, base_dir: Path) -> list[tuple[tuple, np.nda
                              fix="replace it with a complete GeoParquet file") from exc
         offset = 0
         for rgs in partitions(path, size):
-            chunks.append(("parquet", path, rgs, offset))
-            offset += sum(pf.metadata.row_group(i).num_rows for i in rgs)
+            rows = sum(pf.metadata.row_group(i).num_rows for i in rgs)
+            n_slices = max(1, round(rows / size))
+            cuts = np.linspace(0, rows, n_slices + 1).round().astype(int)
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                chunks.append(("parquet", path, rgs, (int(a), int(b)) if n_slices > 1 else None,
+                               offset + int(a)))
+            offset += rows
         n = pf.metadata.num_rows
         if not chunks:
-            chunks = [("parquet", path, [], 0)]
+            chunks = [("parquet", path, [], None, 0)]
         if src.id_field and src.id_field in pf.schema_arrow.names:
             ids_field = pq.read_table(path, columns=[src.id_field])[src.id_field].to_numpy(
                 zero_copy_only=False)
@@ -830,7 +838,7 @@ def read_chunk(src: SourceConfig, chunk: tuple, canonical: bool = True
     if kind == "parquet":
         from pipeline.stream import read_partition
 
-        raw = read_partition(path, chunk[2])
+        raw = read_partition(path, chunk[2], rows=chunk[3])
     else:
         import pyogrio
 

@@ -16,6 +16,7 @@ for the run.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -98,9 +99,14 @@ def scheduler_context(
                     yield scheduler
         elif scheduler in ("synchronous", "threads", "processes"):
             kwargs: dict[str, Any] = {"scheduler": scheduler}
-            if scheduler != "synchronous":
-                kwargs["num_workers"] = n_workers
-            with dask.config.set(**kwargs):
+            with contextlib.ExitStack() as stack:
+                if scheduler != "synchronous":
+                    # one pool for the whole run, shared by Dask's local scheduler and
+                    # map_tasks: process workers start once, not once per computation
+                    pool = stack.enter_context(_local_pool(scheduler, n_workers))
+                    kwargs.update(num_workers=n_workers, pool=pool)
+                    _STATE["pool"] = pool
+                stack.enter_context(dask.config.set(**kwargs))
                 log.info("dask: %s scheduler, %d workers", scheduler, n_workers)
                 yield scheduler
         else:
@@ -112,6 +118,28 @@ def scheduler_context(
     finally:
         _STATE.clear()
         _STATE.update(previous)
+
+
+@contextlib.contextmanager
+def _local_pool(scheduler: str, n_workers: int) -> Iterator[Any]:
+    """The worker pool of Dask's local ``threads`` or ``processes`` scheduler.
+
+    Process workers are started with ``spawn`` (forking a process that runs
+    threads, as GDAL and Arrow do, can deadlock); they import the pipeline
+    once and serve every stage of the run.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if scheduler == "processes":
+        pool: Any = ProcessPoolExecutor(n_workers,
+                                        mp_context=multiprocessing.get_context("spawn"))
+    else:
+        pool = ThreadPoolExecutor(n_workers, thread_name_prefix="rooftop-pv")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def partition_count(n_rows: int) -> int:
@@ -257,13 +285,27 @@ def map_tasks(func: Callable[..., Any], items: Sequence[tuple], label: str = "",
                     pending.append((nxt[0], client.submit(func, *nxt[1], pure=False)))
                 bar.update(sizes[pos])
                 yield result
-        else:
-            for start in range(0, len(items), inflight):
-                wave = items[start:start + inflight]
-                results = dask.compute(*[dask.delayed(func, pure=False)(*it) for it in wave])
-                for pos, result in enumerate(results, start=start):
-                    bar.update(sizes[pos])
-                    yield result
+        elif _STATE.get("pool") is not None:
+            # sliding window over the run's pool: a worker that finishes takes the next
+            # task while the driver writes the previous result
+            pool = _STATE["pool"]
+            window: deque = deque()
+            queue = iter(enumerate(items))
+            for pos, item in itertools.islice(queue, inflight):
+                window.append((pos, pool.submit(func, *item)))
+            while window:
+                pos, future = window.popleft()
+                result = future.result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    window.append((nxt[0], pool.submit(func, *nxt[1])))
+                bar.update(sizes[pos])
+                yield result
+        else:  # synchronous: in the driver, one task at a time
+            for pos, item in enumerate(items):
+                result = dask.compute(dask.delayed(func, pure=False)(*item))[0]
+                bar.update(sizes[pos])
+                yield result
     finally:
         bar.close()
 

@@ -68,7 +68,8 @@ def partitions(path: Path, rows_per_partition: int | None = None) -> list[list[i
 
 
 def read_partition(path: Path, row_groups: Sequence[int],
-                   columns: Sequence[str] | None = None) -> gpd.GeoDataFrame | pd.DataFrame:
+                   columns: Sequence[str] | None = None, rows: tuple[int, int] | None = None,
+                   ) -> gpd.GeoDataFrame | pd.DataFrame:
     """Read some row groups of a GeoParquet file.
 
     Parameters
@@ -80,6 +81,8 @@ def read_partition(path: Path, row_groups: Sequence[int],
     columns : sequence of str, optional
         Columns to read (default all); without the geometry column the
         result is a plain DataFrame.
+    rows : tuple of int, optional
+        ``(start, stop)``: only these rows of the row groups read.
 
     Returns
     -------
@@ -87,6 +90,8 @@ def read_partition(path: Path, row_groups: Sequence[int],
     """
     pf = pq.ParquetFile(path)
     table = pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
+    if rows is not None:
+        table = table.slice(rows[0], rows[1] - rows[0])
     return _from_arrow(table)
 
 

@@ -17,7 +17,9 @@ from pipeline.classify_eval import (
     measure,
     osm_labelled_set,
     read_cbdc_labels,
+    sample_mask,
     to_markdown,
+    write_evaluation,
 )
 from tests.test_classify_samples import load_cbdc, load_osm, needs_sample
 
@@ -122,3 +124,41 @@ def test_main_prints_tables(tmp_path, capsys):
     assert code == 0
     assert out.count("### ") == 3
     assert "CBDC prototypes, survey codes hidden" in out and "OSM buildings" in out
+
+
+def test_sample_mask_is_deterministic_and_sized():
+    ids = pd.Series([f"b{i}" for i in range(40_000)])
+    mask = sample_mask(ids, 0.25)
+    assert mask.dtype == bool and 0.24 < mask.mean() < 0.26
+    # the same id is in or out wherever it is: reversed order, split in two partitions
+    rev = sample_mask(ids[::-1].reset_index(drop=True), 0.25)
+    assert (rev[::-1] == mask).all()
+    halves = np.concatenate([sample_mask(ids[:15_000], 0.25), sample_mask(ids[15_000:], 0.25)])
+    assert (halves == mask).all()
+    assert sample_mask(ids, 1.0).all()
+
+
+@needs_sample
+def test_write_evaluation_samples_large_inputs(tmp_path):
+    buildings, areas, pois = load_osm()
+    b_path, a_path, p_path = (tmp_path / f"{n}.parquet" for n in ("b", "a", "p"))
+    buildings.to_parquet(b_path)
+    areas.to_parquet(a_path)
+    pois.to_parquet(p_path)
+    rules = load_rules(RULES_PATH)
+    full = write_evaluation(b_path, a_path, p_path, RULES_PATH, tmp_path / "all.md")
+    assert not (tmp_path / "all.md").read_text(encoding="utf-8").startswith("Evaluated on")
+    n_max = len(buildings) // 2
+    sampled = write_evaluation(b_path, a_path, p_path, RULES_PATH, tmp_path / "s.md",
+                               max_buildings=n_max)
+    text = (tmp_path / "s.md").read_text(encoding="utf-8")
+    share = n_max / len(buildings)
+    assert text.startswith(f"Evaluated on a deterministic sample of {share:.2%} of the "
+                           f"{len(buildings):,} input buildings")
+    # the sampled OSM set is exactly the labelled buildings whose id hash is sampled
+    keep = sample_mask(buildings["building_id"], share)
+    frame, _ = osm_labelled_set(buildings[keep], rules)
+    osm_full = next(r for r in full if r.title.startswith("OSM"))
+    osm_sampled = next(r for r in sampled if r.title.startswith("OSM"))
+    assert int(osm_sampled.confusion.to_numpy().sum()) == len(frame)
+    assert 0 < len(frame) < int(osm_full.confusion.to_numpy().sum())

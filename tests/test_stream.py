@@ -163,7 +163,7 @@ def test_chunked_ingest_accounts_for_every_row_and_sorts_spatially(chunked_sourc
 def test_chunked_ingest_equals_a_single_chunk(chunked_source):
     cfg, tmp = chunked_source
     outs = []
-    for size in (7, 1000):
+    for size in (4, 7, 1000):  # 4: each 10-row source row group is read in two slices
         with scheduler_context("synchronous", rows_per_partition=size):
             ingest.run(cfg, tmp)
         frame = read_partition(tmp / "processed/ingest_buildings.parquet",
@@ -173,8 +173,13 @@ def test_chunked_ingest_equals_a_single_chunk(chunked_source):
     # all-null text columns read back as NaN (str) from several row groups, None from one
     plain = [pd.DataFrame(o.drop(columns="geometry")).astype(object) for o in outs]
     plain = [p.where(p.notna(), None) for p in plain]
-    pd.testing.assert_frame_equal(plain[0], plain[1])
-    assert outs[0].geom_equals_exact(outs[1].geometry, 0).all()
+    with scheduler_context("synchronous", rows_per_partition=4):
+        chunks = ingest.source_chunks(cfg.sources[0], tmp)
+    assert [c[0][3] for c in chunks] == [(0, 5), (5, 10), (0, 5), (5, 10), None]
+    assert [len(ids) for _, ids in chunks] == [5, 5, 5, 5, 5]
+    for k in (1, 2):
+        pd.testing.assert_frame_equal(plain[0], plain[k])
+        assert outs[0].geom_equals_exact(outs[k].geometry, 0).all()
 
 
 @pytest.mark.slow
