@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         if "speedup_2w_over_1w" in r:
             line += (f"  1 worker {r['pipeline_1w']['seconds']:.1f} s, speed-up "
                      f"{r['speedup_2w_over_1w']:.2f}")
-        print(line + "\n    stages: " + stages, flush=True)
+        print(line + "\n    stages (2 workers): " + stages, flush=True)
+        if "pipeline_1w" in r:
+            one = r["pipeline_1w"]["stages"]
+            print("    stages (1 worker):  " + "  ".join(
+                f"{k} {v:.1f}s (x{v / p['stages'][k]:.2f})" for k, v in one.items()
+                if p["stages"].get(k)), flush=True)
     by_n = {r["n"]: r for r in results}
     if 1_000_000 in by_n and 2_000_000 in by_n:
         t1, t2 = (by_n[k]["pipeline_2w"]["seconds"] for k in (1_000_000, 2_000_000))
