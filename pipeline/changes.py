@@ -293,10 +293,10 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     type_changed = (pb["building_type"].astype(str) != cb["building_type"].astype(str)).to_numpy()
     cap_changed = np.abs(cb["capacity_kwp"].to_numpy() - pb["capacity_kwp"].to_numpy()) \
         > CAPACITY_TOLERANCE_KWP
-    fields = np.array([",".join(n for n, f in zip(("geometry", "type", "capacity"), flags,
-                                                   strict=True) if f)
-                       for flags in zip(geom_changed, type_changed, cap_changed, strict=True)],
-                      dtype=object)
+    # the 8 combinations of the three flags, by code geometry + 2 type + 4 capacity
+    names = np.array([",".join(n for n, bit in (("geometry", 1), ("type", 2), ("capacity", 4))
+                               if code & bit) for code in range(8)], dtype=object)
+    fields = names[geom_changed.astype(int) + 2 * type_changed + 4 * cap_changed]
     changed = both[fields != ""]
     fields = fields[fields != ""]
 

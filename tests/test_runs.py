@@ -249,6 +249,26 @@ def test_previous_snapshot_of_the_old_key_compares_unchanged():
     assert changes.rekey(cur) is cur  # this version's snapshot is not re-keyed
 
 
+def test_kept_output_is_a_copy_not_a_link(tmp_path, monkeypatch):
+    """A kept output does not change when the published file is edited in place."""
+    src = tmp_path / "out.gpkg"
+    src.write_bytes(b"v1" * 5000)
+    for supported in (True, False):
+        dst = tmp_path / f"kept_{supported}.gpkg"
+        if not supported:  # a file system without reflinks
+            def no_clone(*args):
+                raise OSError(95, "Operation not supported")
+            monkeypatch.setattr(runs.fcntl, "ioctl", no_clone)
+        runs.copy_file(src, dst)
+        assert dst.read_bytes() == src.read_bytes()
+        assert os.stat(dst).st_ino != os.stat(src).st_ino
+        assert os.stat(dst).st_mtime == pytest.approx(os.stat(src).st_mtime)
+    with open(src, "r+b") as f:  # what SQLite does to a GeoPackage opened in QGIS
+        f.write(b"XX")
+    assert (tmp_path / "kept_True.gpkg").read_bytes()[:2] == b"v1"
+    assert (tmp_path / "kept_False.gpkg").read_bytes()[:2] == b"v1"
+
+
 def test_partition_cache_computes_only_changed_partitions(tmp_path):
     seen: list[list[str]] = []
 
