@@ -192,7 +192,7 @@ def building_keys(buildings: gpd.GeoDataFrame, sources_without_id: set[str],
     return keys
 
 
-def rekey(snap: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+def rekey(snap: pd.DataFrame) -> pd.DataFrame:
     """A snapshot with its keys of this version's definition.
 
     A previous run's snapshot may hold keys of another definition
@@ -204,19 +204,20 @@ def rekey(snap: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
     Parameters
     ----------
-    snap : GeoDataFrame
-        Output of :func:`snapshot` (of any version).
+    snap : DataFrame
+        Output of :func:`snapshot` (of any version), footprints as geometries
+        or WKB (:func:`load_previous`).
 
     Returns
     -------
-    GeoDataFrame
+    DataFrame
         The same rows with ``geometry_key`` and ``building_key`` of this version.
     """
     version = snap.get("geometry_key_version")
     if version is not None and (version == GEOMETRY_KEY_VERSION).all():
         return snap
     out = snap.copy()
-    gk = geometry_keys(out.geometry)
+    gk = geometry_keys(gpd.GeoSeries(_footprints(out)))
     source, key = out["source"].astype(str), out["building_key"].astype(str)
     by_geom = {src for src in source.unique()
                if key[source == src].str.startswith(f"{src}:geom:").any()}
@@ -275,7 +276,8 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     Parameters
     ----------
     previous, current : GeoDataFrame
-        Outputs of :func:`snapshot`.
+        Outputs of :func:`snapshot`; ``previous`` may hold WKB footprints
+        (:func:`load_previous`).
 
     Returns
     -------
@@ -317,7 +319,7 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
             "capacity_kwp": new["capacity_kwp"].fillna(0.0).to_numpy(dtype=float),
             "energy_delta_mwh_per_year": (new["energy_mwh_per_year"].fillna(0.0).to_numpy()
                                           - old["energy_mwh_per_year"].fillna(0.0).to_numpy()),
-            "geometry": here.geometry.to_numpy(),
+            "geometry": _footprints(here),
         })
 
     frames = [rows(added, "added"), rows(removed, "removed"), rows(changed, "changed", fields)]
@@ -386,14 +388,25 @@ def district_deltas(previous: pd.DataFrame, current: pd.DataFrame, changes: pd.D
     return out[list(DISTRICT_COLUMNS)]
 
 
-def load_previous(run_dir: Path | None) -> tuple[gpd.GeoDataFrame, pd.DataFrame] | None:
-    """The building and district snapshots of a previous run folder (None if absent)."""
+def load_previous(run_dir: Path | None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The building and district snapshots of a previous run folder (None if absent).
+
+    The footprints stay WKB (``geometry`` holds bytes): only the removed
+    buildings' are needed, and decoding them all took 1.5 s at 1M buildings.
+    """
     from pipeline.runs import SNAPSHOT_BUILDINGS, SNAPSHOT_DISTRICTS
 
     if run_dir is None or not (run_dir / SNAPSHOT_BUILDINGS).is_file():
         return None
-    return (gpd.read_parquet(run_dir / SNAPSHOT_BUILDINGS),
+    return (pd.read_parquet(run_dir / SNAPSHOT_BUILDINGS),
             pd.read_parquet(run_dir / SNAPSHOT_DISTRICTS))
+
+
+def _footprints(frame: pd.DataFrame) -> np.ndarray:
+    """Footprints of a snapshot's rows, whether geometries or WKB (:func:`load_previous`)."""
+    if isinstance(frame, gpd.GeoDataFrame):
+        return np.asarray(frame.geometry.array, dtype=object)
+    return shapely.from_wkb(frame["geometry"].to_numpy(dtype=object))
 
 
 def markdown(changes: pd.DataFrame, deltas: pd.DataFrame, previous_run: str | None,

@@ -143,6 +143,25 @@ def test_compare_lists_added_removed_and_changed():
     assert changes.compare(cur, cur).empty
 
 
+def test_previous_snapshot_read_as_wkb_compares_like_geometries(tmp_path):
+    from pipeline.io import write_parquet_atomic
+
+    g1, g2 = rect(0, 0), rect(100, 0, 12.5, 7.25)
+    prev = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g1),
+                 ("s:b", "s:b", "s", "A", "school", 20.0, 24.0, "k2", g2)])
+    cur = snap([("s:a", "s:a", "s", "A", "school", 11.0, 12.0, "k1", g1)])
+    write_parquet_atomic(prev, tmp_path / runs.SNAPSHOT_BUILDINGS)
+    write_parquet_atomic(pd.DataFrame({"district_name": ["A"], "target_verdict": [None],
+                                       "rule_verdict": ["x"]}),
+                         tmp_path / runs.SNAPSHOT_DISTRICTS)
+    loaded, _ = changes.load_previous(tmp_path)
+    assert isinstance(loaded["geometry"].iloc[0], bytes)  # not decoded
+    lazy, eager = changes.compare(loaded, cur), changes.compare(prev, cur)
+    pd.testing.assert_frame_equal(lazy, eager)
+    assert lazy.set_index("building_key").loc["s:b", "geometry"].equals(g2)
+    assert changes.rekey(loaded) is loaded  # this version's keys are kept
+
+
 def test_geometry_key_ignores_vertex_order_and_keys_repeat():
     a = shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
     b = shapely.Polygon([(10, 5), (0, 5), (0, 0), (10, 0)])  # same square, other start
@@ -245,6 +264,8 @@ def test_previous_snapshot_of_the_old_key_compares_unchanged():
     assert stale["change"].value_counts().to_dict() == {"added": 3, "removed": 3, "changed": 1}
     again = changes.rekey(prev)
     assert changes.compare(again, cur).empty
+    as_read = pd.DataFrame(prev).assign(geometry=shapely.to_wkb(prev.geometry.array))
+    assert changes.compare(changes.rekey(as_read), cur).empty  # WKB, as load_previous reads
     assert again["building_key"].tolist() == cur["building_key"].tolist()
     assert changes.rekey(cur) is cur  # this version's snapshot is not re-keyed
 
