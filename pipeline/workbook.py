@@ -10,7 +10,10 @@ the package (workbook, styles, sheet names, the bold frozen header row,
 column widths), then the data rows are encoded column by column into
 SpreadsheetML (``<row>``/``<c>`` elements with inline strings) and spliced
 into each sheet's ``<sheetData>`` while the package is copied to its final
-zip. Missing values and infinities are blank cells, as before.
+zip. Missing values and infinities are blank cells, as before; floats are
+written with the shortest text that round-trips them (openpyxl kept 16
+significant digits); dates, which the report's tables do not have, would be
+text.
 
 A table longer than Excel's 1,048,576 rows continues on sheets named
 ``<name> (2)``, ``<name> (3)``, ... each with the header row, so every row is
