@@ -6,9 +6,11 @@ run compares against it.
 
 Building identity across runs is ``building_key``: the ``building_id``
 (``<source>:<source_id>``) for sources with an id field, and
-``<source>:geom:<hash>`` of the footprint (coordinates on a 1 cm grid,
-normalised ring order) for sources without one, whose row numbers are not
-stable.
+``<source>:geom:<hash>`` of the footprint (its edges, vertices on a 1 cm
+grid, whatever the start vertex and ring direction) for sources without one,
+whose row numbers are not stable. A previous run's snapshot is re-keyed from
+its stored footprints, so a change of the key's definition between versions
+reads as no change.
 
 Outputs
 
@@ -46,7 +48,6 @@ verdict_flipped                      -       a target or rule verdict changed
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -63,8 +64,12 @@ log = logging.getLogger(__name__)
 GEOMETRY_KEY_GRID_M = 0.01
 #: Capacity differences below this are float noise, not changes [kWp].
 CAPACITY_TOLERANCE_KWP = 1e-6
+#: Definition of :func:`geometry_keys`, stored with each snapshot (1: hash of the
+#: normalised WKB after ``shapely.set_precision``, snapshots without the column;
+#: 2: hash of the snapped edges).
+GEOMETRY_KEY_VERSION = 2
 SNAPSHOT_COLUMNS = ("building_key", "building_id", "source", "district_name", "building_type",
-                    "capacity_kwp", "energy_mwh_per_year", "geometry_key")
+                    "capacity_kwp", "energy_mwh_per_year", "geometry_key", "geometry_key_version")
 CHANGE_COLUMNS = ("building_key", "building_id", "change", "changed_fields", "district_name",
                   "building_type_previous", "building_type", "capacity_previous_kwp",
                   "capacity_kwp", "capacity_delta_kwp", "energy_delta_mwh_per_year")
@@ -74,8 +79,48 @@ DISTRICT_COLUMNS = ("district_name", "n_added", "n_removed", "n_changed",
                     "rule_verdict_previous", "rule_verdict", "verdict_flipped")
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place: a bijective scramble of 64-bit integers."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _rings(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rings (and lines) of each geometry, and the geometry each belongs to.
+
+    Polygons without holes, nearly all footprints, are their own one ring
+    (their coordinates are the exterior's); the others are split into parts
+    and rings.
+    """
+    type_id = shapely.get_type_id(geoms)
+    simple = (type_id == shapely.GeometryType.POLYGON) & (shapely.get_num_interior_rings(geoms)
+                                                          == 0)
+    pieces, owner = [geoms[simple]], [np.flatnonzero(simple)]
+    rest = np.flatnonzero(~simple & (type_id >= 0))
+    if len(rest):
+        parts, p_idx = shapely.get_parts(geoms[rest], return_index=True)
+        poly = shapely.get_type_id(parts) == shapely.GeometryType.POLYGON
+        rings, r_idx = shapely.get_rings(parts[poly], return_index=True)
+        pieces += [rings, parts[~poly]]
+        owner += [rest[p_idx[poly][r_idx]], rest[p_idx[~poly]]]
+    return np.concatenate(pieces), np.concatenate(owner)
+
+
 def geometry_keys(geometry: gpd.GeoSeries, grid_m: float = GEOMETRY_KEY_GRID_M) -> np.ndarray:
     """A hash of each footprint that survives rewriting the same shape.
+
+    The key hashes the multiset of the footprint's edges, vertices snapped to
+    a grid, each edge taken without direction and zero-length edges (repeated
+    vertices) dropped. It therefore ignores the start vertex and direction of
+    each ring and the order of rings and parts, as hashing
+    ``normalize(set_precision(geometry, grid_m))`` did, but it is computed on
+    the coordinate arrays (20x faster; ``tests/test_runs.py`` compares the
+    two): splitmix64 hashes of the vertices, of each edge's (smaller, larger)
+    vertex hash pair, summed per footprint in two 32-bit lanes.
 
     Parameters
     ----------
@@ -87,16 +132,60 @@ def geometry_keys(geometry: gpd.GeoSeries, grid_m: float = GEOMETRY_KEY_GRID_M) 
     Returns
     -------
     ndarray of str
-        16 hex digits per footprint (``"none"`` for a missing one); the same
-        polygon with another start vertex or ring direction hashes alike.
+        16 hex digits per footprint (``"none"`` for a missing one, ``"empty"``
+        for one without edges).
     """
-    geoms = shapely.normalize(shapely.set_precision(geometry.array, grid_m))
-    wkb = shapely.to_wkb(geoms, hex=False)
-    return np.array(["none" if b is None else hashlib.sha1(b).hexdigest()[:16] for b in wkb],
-                    dtype=object)
+    geoms = np.asarray(geometry.array, dtype=object)
+    n = len(geoms)
+    keys = np.full(n, "none", dtype=object)
+    present = ~shapely.is_missing(geoms)
+    if not present.any():
+        return keys
+    # in chunks: the vertex arrays of one stay in cache (2x faster at 1M footprints)
+    digest, count = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
+    for start in range(0, n, KEY_CHUNK):
+        part = slice(start, min(start + KEY_CHUNK, n))
+        digest[part], count[part] = _edge_digest(geoms[part], grid_m)
+    hexed = np.frombuffer(digest.astype(">u8").tobytes().hex().encode("ascii"), dtype="S16")
+    keys[present] = np.where(count[present] > 0, hexed[present].astype(str).astype(object),
+                             "empty")
+    return keys
 
 
-def building_keys(buildings: gpd.GeoDataFrame, sources_without_id: set[str]) -> np.ndarray:
+#: Footprints hashed at a time by :func:`geometry_keys`.
+KEY_CHUNK = 50_000
+
+
+def _edge_digest(geoms: np.ndarray, grid_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit digest of each geometry's snapped edge multiset, and its edge count."""
+    n = len(geoms)
+    rings, ring_owner = _rings(geoms)
+    coords, idx = shapely.get_coordinates(rings, return_index=True)
+    coords *= 1.0 / grid_m
+    np.rint(coords, out=coords)
+    grid = coords.astype(np.int64).view(np.uint64)  # grid units
+    vertex = _mix64(grid[:, 1].copy())
+    vertex ^= grid[:, 0]
+    _mix64(vertex)
+    # edges: consecutive vertices of one ring, not repeated points
+    edge = (idx[1:] == idx[:-1]) & (vertex[1:] != vertex[:-1])
+    a, b = vertex[:-1][edge], vertex[1:][edge]
+    h = _mix64(np.maximum(a, b))
+    h ^= np.minimum(a, b)
+    _mix64(h)
+    owner = ring_owner[idx[:-1][edge]]
+    # order-free sum per footprint, exact in float64 (< 2**21 edges of < 2**32 each)
+    lo = np.bincount(owner, weights=(h & np.uint64(0xFFFFFFFF)).astype(float), minlength=n)
+    hi = np.bincount(owner, weights=(h >> np.uint64(32)).astype(float), minlength=n)
+    count = np.bincount(owner, minlength=n).astype(np.uint64)
+    total = ((hi.astype(np.uint64) & np.uint64(0xFFFFFFFF)) << np.uint64(32)) \
+        | (lo.astype(np.uint64) & np.uint64(0xFFFFFFFF))
+    total ^= _mix64(count.copy())
+    return _mix64(total), count
+
+
+def building_keys(buildings: gpd.GeoDataFrame, sources_without_id: set[str],
+                  geometry_key: np.ndarray | None = None) -> np.ndarray:
     """Identity of each building across runs.
 
     Parameters
@@ -105,6 +194,8 @@ def building_keys(buildings: gpd.GeoDataFrame, sources_without_id: set[str]) -> 
         ``building_id``, ``source`` and footprints.
     sources_without_id : set of str
         Sources whose ids are row numbers (no ``id_field``).
+    geometry_key : ndarray of str, optional
+        :func:`geometry_keys` of the footprints, if already computed.
 
     Returns
     -------
@@ -115,12 +206,51 @@ def building_keys(buildings: gpd.GeoDataFrame, sources_without_id: set[str]) -> 
     keys = buildings["building_id"].astype(str).to_numpy(dtype=object)
     no_id = buildings["source"].isin(sources_without_id).to_numpy()
     if no_id.any():
-        gk = geometry_keys(buildings.geometry[no_id])
-        base = (buildings["source"].to_numpy(dtype=object)[no_id] + ":geom:" + gk).astype(str)
+        gk = (geometry_key[no_id] if geometry_key is not None
+              else geometry_keys(buildings.geometry[no_id]))
+        base = (buildings["source"].astype(str).to_numpy(dtype=object)[no_id] + ":geom:"
+                + gk).astype(str)
         rank = pd.Series(base).groupby(base).cumcount().to_numpy()
         keys[no_id] = np.where(rank > 0, np.char.add(np.char.add(base, "#"), rank.astype(str)),
                                base)
     return keys
+
+
+def rekey(snap: pd.DataFrame) -> pd.DataFrame:
+    """A snapshot with its keys of this version's definition.
+
+    A previous run's snapshot may hold keys of another definition
+    (:data:`GEOMETRY_KEY_VERSION`); keys of both runs must come from one, or
+    every building would read as changed (and, for sources without ids, as
+    removed and added again). Such keys are recomputed from the stored
+    footprints; the sources keyed by geometry are those whose stored keys say
+    so (``<source>:geom:...``). A snapshot of this version is returned as is.
+
+    Parameters
+    ----------
+    snap : DataFrame
+        Output of :func:`snapshot` (of any version), footprints as geometries
+        or WKB (:func:`load_previous`).
+
+    Returns
+    -------
+    DataFrame
+        The same rows with ``geometry_key`` and ``building_key`` of this version.
+    """
+    version = snap.get("geometry_key_version")
+    if version is not None and (version == GEOMETRY_KEY_VERSION).all():
+        return snap
+    out = snap.copy()
+    gk = geometry_keys(gpd.GeoSeries(_footprints(out)))
+    source, key = out["source"].astype(str), out["building_key"].astype(str)
+    by_geom = {src for src in source.unique()
+               if key[source == src].str.startswith(f"{src}:geom:").any()}
+    out["geometry_key"] = gk
+    out["building_key"] = building_keys(out, by_geom, gk)
+    out["geometry_key_version"] = np.full(len(out), GEOMETRY_KEY_VERSION, dtype="int16")
+    log.info("previous run's snapshot re-keyed (geometry key version %d)",
+             GEOMETRY_KEY_VERSION)
+    return out
 
 
 def snapshot(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> gpd.GeoDataFrame:
@@ -139,8 +269,9 @@ def snapshot(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> gpd.GeoDataFra
         :data:`SNAPSHOT_COLUMNS` and the geometry.
     """
     no_id = {s.name for s in cfg.sources if s.id_field is None}
+    gk = geometry_keys(buildings.geometry)
     out = gpd.GeoDataFrame({
-        "building_key": building_keys(buildings, no_id),
+        "building_key": building_keys(buildings, no_id, gk),
         "building_id": buildings["building_id"].astype(str).to_numpy(),
         "source": buildings["source"].astype(str).to_numpy(),
         "district_name": buildings["district_name"].astype(object).to_numpy(),
@@ -148,7 +279,8 @@ def snapshot(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> gpd.GeoDataFra
         "capacity_kwp": buildings["capacity_kwp"].to_numpy(dtype=float),
         "energy_mwh_per_year": np.nan_to_num(
             buildings["energy_mwh_per_year"].to_numpy(dtype=float)),
-        "geometry_key": geometry_keys(buildings.geometry),
+        "geometry_key": gk,
+        "geometry_key_version": np.full(len(buildings), GEOMETRY_KEY_VERSION, dtype="int16"),
     }, geometry=buildings.geometry.to_numpy(), crs=buildings.crs)
     return out
 
@@ -168,7 +300,8 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     Parameters
     ----------
     previous, current : GeoDataFrame
-        Outputs of :func:`snapshot`.
+        Outputs of :func:`snapshot`; ``previous`` may hold WKB footprints
+        (:func:`load_previous`).
 
     Returns
     -------
@@ -186,10 +319,10 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     type_changed = (pb["building_type"].astype(str) != cb["building_type"].astype(str)).to_numpy()
     cap_changed = np.abs(cb["capacity_kwp"].to_numpy() - pb["capacity_kwp"].to_numpy()) \
         > CAPACITY_TOLERANCE_KWP
-    fields = np.array([",".join(n for n, f in zip(("geometry", "type", "capacity"), flags,
-                                                   strict=True) if f)
-                       for flags in zip(geom_changed, type_changed, cap_changed, strict=True)],
-                      dtype=object)
+    # the 8 combinations of the three flags, by code geometry + 2 type + 4 capacity
+    names = np.array([",".join(n for n, bit in (("geometry", 1), ("type", 2), ("capacity", 4))
+                               if code & bit) for code in range(8)], dtype=object)
+    fields = names[geom_changed.astype(int) + 2 * type_changed + 4 * cap_changed]
     changed = both[fields != ""]
     fields = fields[fields != ""]
 
@@ -210,7 +343,7 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
             "capacity_kwp": new["capacity_kwp"].fillna(0.0).to_numpy(dtype=float),
             "energy_delta_mwh_per_year": (new["energy_mwh_per_year"].fillna(0.0).to_numpy()
                                           - old["energy_mwh_per_year"].fillna(0.0).to_numpy()),
-            "geometry": here.geometry.to_numpy(),
+            "geometry": _footprints(here),
         })
 
     frames = [rows(added, "added"), rows(removed, "removed"), rows(changed, "changed", fields)]
@@ -279,14 +412,25 @@ def district_deltas(previous: pd.DataFrame, current: pd.DataFrame, changes: pd.D
     return out[list(DISTRICT_COLUMNS)]
 
 
-def load_previous(run_dir: Path | None) -> tuple[gpd.GeoDataFrame, pd.DataFrame] | None:
-    """The building and district snapshots of a previous run folder (None if absent)."""
+def load_previous(run_dir: Path | None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The building and district snapshots of a previous run folder (None if absent).
+
+    The footprints stay WKB (``geometry`` holds bytes): only the removed
+    buildings' are needed, and decoding them all took 1.5 s at 1M buildings.
+    """
     from pipeline.runs import SNAPSHOT_BUILDINGS, SNAPSHOT_DISTRICTS
 
     if run_dir is None or not (run_dir / SNAPSHOT_BUILDINGS).is_file():
         return None
-    return (gpd.read_parquet(run_dir / SNAPSHOT_BUILDINGS),
+    return (pd.read_parquet(run_dir / SNAPSHOT_BUILDINGS),
             pd.read_parquet(run_dir / SNAPSHOT_DISTRICTS))
+
+
+def _footprints(frame: pd.DataFrame) -> np.ndarray:
+    """Footprints of a snapshot's rows, whether geometries or WKB (:func:`load_previous`)."""
+    if isinstance(frame, gpd.GeoDataFrame):
+        return np.asarray(frame.geometry.array, dtype=object)
+    return shapely.from_wkb(frame["geometry"].to_numpy(dtype=object))
 
 
 def markdown(changes: pd.DataFrame, deltas: pd.DataFrame, previous_run: str | None,
@@ -388,6 +532,7 @@ def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.
         previous, prev_d, prev_id = current.iloc[:0], cur_d.iloc[:0], None
     else:
         previous, prev_d = prev
+        previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
         prev_id = record.previous_dir.name
     changes = compare(previous, current) if prev is not None else compare(current, current)
     deltas = district_deltas(previous if prev is not None else current, current, changes,

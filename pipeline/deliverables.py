@@ -96,7 +96,7 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
                  systems["pv_capacity_kwp"].sum() / 1000,
                  buildings["existing_pv_area_m2"].sum())
     else:
-        buildings = buildings.copy()
+        buildings = buildings.copy(deep=False)  # new columns only: the others are shared
         buildings["existing_pv_area_m2"] = 0.0
         buildings["existing_pv_kwp"] = 0.0
     buildings["co2_avoided_t_per_year"] = tg.co2_avoided_t(

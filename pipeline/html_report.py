@@ -74,6 +74,28 @@ def _hex(rgb: tuple[int, ...]) -> str:
     return "#" + "".join(f"{v:02x}" for v in rgb[:3])
 
 
+#: Above this many buildings the map's dots sit at the centre of each
+#: footprint's bounds (not its centroid) and their areas are rounded to
+#: :data:`DOT_DIAMETER_STEP_PT` and drawn one size at a time: Agg stamps a
+#: marker of one size ~5x faster than markers of many sizes (1.4 s for 250k).
+EXACT_DOTS_MAX = 20_000
+#: Diameter step of the rounded dots [pt] (0.75 px at the charts' 110 dpi).
+DOT_DIAMETER_STEP_PT = 0.5
+
+
+def _dots(ax, xy: np.ndarray, size_pt2: np.ndarray, colour: str, binned: bool) -> None:
+    """Scatter dots of the given areas [pt2]; ``binned`` rounds the diameters."""
+    if not binned:
+        ax.scatter(xy[:, 0], xy[:, 1], s=size_pt2, color=colour, alpha=0.8, linewidths=0,
+                   zorder=3)
+        return
+    diameter = np.rint(np.sqrt(size_pt2) / DOT_DIAMETER_STEP_PT) * DOT_DIAMETER_STEP_PT
+    for d in np.unique(diameter):
+        m = diameter == d
+        ax.scatter(xy[m, 0], xy[m, 1], s=float(d * d), color=colour, alpha=0.8, linewidths=0,
+                   zorder=3)
+
+
 def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, family: str
                       ) -> bytes:
     """Map of the districts coloured by target verdict, with the buildings as dots.
@@ -101,15 +123,22 @@ def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, fam
     colours = [np.array(VERDICT_STYLE.get(v, VERDICT_STYLE[NO_TARGET])[0]) / 255 for v in verdict]
     dlayer.plot(ax=ax, color=[tuple(c[:3]) + (0.55,) for c in colours], edgecolor="#444444",
                 linewidth=0.6)
-    pts = buildings.geometry.centroid
+    import shapely
+
+    geoms = np.asarray(buildings.geometry.array)
+    binned = len(geoms) > EXACT_DOTS_MAX
+    if binned:  # the centre of the bounds: 15x faster, metres off on a map of 100 m pixels
+        b = shapely.bounds(geoms)
+        xy = np.column_stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2])
+    else:
+        xy = shapely.get_coordinates(shapely.centroid(geoms))
     size = 2 + 40 * np.sqrt(buildings["capacity_kwp"].to_numpy(dtype=float)
                             / max(float(buildings["capacity_kwp"].max()), 1.0))
     btype = buildings["building_type"].astype(object).to_numpy()
     for t, (rgb, _) in TYPE_STYLE.items():
         m = btype == t
         if m.any():
-            ax.scatter(pts.x[m], pts.y[m], s=size[m], color=_hex(rgb), alpha=0.8,
-                       linewidths=0, zorder=3)
+            _dots(ax, xy[m], size[m], _hex(rgb), binned)
     for _, row in dlayer.iterrows():
         p = row.geometry.representative_point()
         label = row["district_name"]
@@ -184,8 +213,9 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     fig = _figure(family, 8.5, 7.5)
     ax = fig.add_subplot()
     ranked = plan[plan["target_id"] == target_id].sort_values("priority_rank")
-    geoms = buildings.set_index("building_id").geometry
-    pool = buildings[buildings["building_id"].isin(ranked["building_id"])]
+    # the ranked roofs carry their footprints and types (rows of ``buildings``)
+    pool = gpd.GeoDataFrame(ranked[["building_type", "geometry"]], geometry="geometry",
+                            crs=buildings.crs)
     c = busiest_window(pool if len(pool) else buildings, window_m)
     half = window_m / 2
     view = buildings.cx[c.x - half:c.x + half, c.y - half:c.y + half]
@@ -194,7 +224,7 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
         if len(sel):
             sel.plot(ax=ax, color=_hex(rgb), edgecolor="#333333", linewidth=0.3)
     top = ranked[ranked["in_target_list"]]
-    top_geoms = gpd.GeoSeries(geoms.reindex(top["building_id"]).to_numpy(), crs=buildings.crs)
+    top_geoms = gpd.GeoSeries(top.geometry.to_numpy(), crs=buildings.crs)
     pt = top_geoms.representative_point()
     inside = ((pt.x - c.x).abs() < half) & ((pt.y - c.y).abs() < half)
     top_geoms[inside.to_numpy()].plot(ax=ax, facecolor="none", edgecolor="#b2182b",

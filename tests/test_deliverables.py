@@ -107,6 +107,93 @@ def test_workbook_matches_geopackage_tables(tmp_path, styled_gpkg):
     wb.close()
 
 
+def awkward_table(n: int = 7) -> pd.DataFrame:
+    """Every kind of cell the report writes, and the text that needs escaping."""
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({
+        "target_id": pd.Series(["a", "b"] * (n // 2) + ["a"] * (n % 2), dtype="str"),
+        "rank": np.arange(1, n + 1),
+        "name": ([None, "A & B <roof>", "  lead", "trail ", "浦东 学校", "", "x"] * n)[:n],
+        "building_type": pd.Categorical((["school", "factory", None] * n)[:n]),
+        "capacity_kwp": rng.random(n) * 1e3,
+        "share": ([np.nan, np.inf, -np.inf, 1e20, 5.0, -0.0, 1e-7] * n)[:n],
+        "in_target_list": rng.random(n) < 0.5,
+        "mixed": ([1, 2.5, "t", None, True, np.int64(3), np.float64(0.1)] * n)[:n],
+        "nullable_int": pd.array(([1, None, 3, 4, 5, 6, 7] * n)[:n], dtype="Int64"),
+    })
+
+
+def read_sheets(path: Path) -> dict[str, list[tuple]]:
+    wb = load_workbook(path, read_only=True)
+    out = {name: list(wb[name].values) for name in wb.sheetnames}
+    wb.close()
+    return out
+
+
+def same_cells(a: list[tuple], b: list[tuple]) -> bool:
+    """Equal cell by cell, floats to the last digit openpyxl keeps."""
+    if len(a) != len(b):
+        return False
+    for ra, rb in zip(a, b, strict=True):
+        for x, y in zip(ra, rb, strict=True):
+            if isinstance(x, float) and isinstance(y, float | int) and not isinstance(y, bool):
+                if x != pytest.approx(y, rel=1e-15):
+                    return False
+            elif x != y or type(x) is not type(y):
+                return False
+    return True
+
+
+def test_workbook_fast_writer_matches_openpyxl(tmp_path):
+    """The spliced SpreadsheetML reads back as pandas + openpyxl wrote the same table."""
+    table = awkward_table(14)
+    write_workbook(tmp_path / "new.xlsx", {"t": table})
+    old = table.copy()
+    for col in old.columns:  # what the openpyxl path (pipeline.workbook before) did
+        s = old[col]
+        if pd.api.types.is_bool_dtype(s):
+            continue
+        if pd.api.types.is_numeric_dtype(s):
+            old[col] = s.replace([np.inf, -np.inf], np.nan)
+        else:
+            old[col] = s.astype(object).where(s.notna(), None)
+    with pd.ExcelWriter(tmp_path / "old.xlsx", engine="openpyxl") as xw:
+        old.to_excel(xw, sheet_name="t", index=False)
+    new_rows, old_rows = read_sheets(tmp_path / "new.xlsx")["t"], read_sheets(
+        tmp_path / "old.xlsx")["t"]
+    # openpyxl wrote "" (an empty name) as an empty string cell; it is a blank cell now
+    old_rows = [tuple(None if v == "" else v for v in r) for r in old_rows]
+    assert same_cells(new_rows, old_rows)
+    wb = load_workbook(tmp_path / "new.xlsx")
+    ws = wb["t"]
+    assert ws.freeze_panes == "A2" and ws["A1"].font.b
+    assert ws.column_dimensions["E"].width == pytest.approx(len("capacity_kwp") + 2, abs=1)
+    assert wb.sheetnames == ["t", "columns"]
+
+
+def test_workbook_escapes_control_characters(tmp_path):
+    write_workbook(tmp_path / "c.xlsx", {"t": pd.DataFrame({"name": ["a\x01b", "tab\tok"]})})
+    assert [r[0] for r in read_sheets(tmp_path / "c.xlsx")["t"]] == ["name", "a_x0001_b",
+                                                                    "tab\tok"]
+
+
+def test_workbook_continues_a_table_longer_than_a_sheet(tmp_path):
+    table = awkward_table(23)
+    write_workbook(tmp_path / "s.xlsx", {"target_plan": table, "small": table.head(3)},
+                   max_rows=10)  # 9 rows a sheet below the header
+    sheets = read_sheets(tmp_path / "s.xlsx")
+    assert list(sheets)[:4] == ["target_plan", "target_plan (2)", "target_plan (3)", "small"]
+    parts = [sheets[n] for n in ("target_plan", "target_plan (2)", "target_plan (3)")]
+    assert [len(p) for p in parts] == [10, 10, 6]
+    assert all(p[0] == parts[0][0] for p in parts)
+    whole = tmp_path / "whole.xlsx"
+    write_workbook(whole, {"target_plan": table})
+    assert same_cells([parts[0][0]] + [r for p in parts for r in p[1:]],
+                      read_sheets(whole)["target_plan"])
+    with pytest.raises(ValueError, match="repeat"):
+        write_workbook(tmp_path / "x.xlsx", {"t": table, "t (2)": table}, max_rows=10)
+
+
 def plain(frame: pd.DataFrame) -> pd.DataFrame:
     """Object columns with None for missing values (Excel has no NaN)."""
     out = frame.astype(object)

@@ -112,6 +112,7 @@ def snap(rows: list[tuple]) -> gpd.GeoDataFrame:
     cols = ["building_key", "building_id", "source", "district_name", "building_type",
             "capacity_kwp", "energy_mwh_per_year", "geometry_key"]
     frame = pd.DataFrame([r[:-1] for r in rows], columns=cols)
+    frame["geometry_key_version"] = changes.GEOMETRY_KEY_VERSION
     return gpd.GeoDataFrame(frame, geometry=[r[-1] for r in rows], crs=CRS)
 
 
@@ -142,6 +143,25 @@ def test_compare_lists_added_removed_and_changed():
     assert changes.compare(cur, cur).empty
 
 
+def test_previous_snapshot_read_as_wkb_compares_like_geometries(tmp_path):
+    from pipeline.io import write_parquet_atomic
+
+    g1, g2 = rect(0, 0), rect(100, 0, 12.5, 7.25)
+    prev = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g1),
+                 ("s:b", "s:b", "s", "A", "school", 20.0, 24.0, "k2", g2)])
+    cur = snap([("s:a", "s:a", "s", "A", "school", 11.0, 12.0, "k1", g1)])
+    write_parquet_atomic(prev, tmp_path / runs.SNAPSHOT_BUILDINGS)
+    write_parquet_atomic(pd.DataFrame({"district_name": ["A"], "target_verdict": [None],
+                                       "rule_verdict": ["x"]}),
+                         tmp_path / runs.SNAPSHOT_DISTRICTS)
+    loaded, _ = changes.load_previous(tmp_path)
+    assert isinstance(loaded["geometry"].iloc[0], bytes)  # not decoded
+    lazy, eager = changes.compare(loaded, cur), changes.compare(prev, cur)
+    pd.testing.assert_frame_equal(lazy, eager)
+    assert lazy.set_index("building_key").loc["s:b", "geometry"].equals(g2)
+    assert changes.rekey(loaded) is loaded  # this version's keys are kept
+
+
 def test_geometry_key_ignores_vertex_order_and_keys_repeat():
     a = shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
     b = shapely.Polygon([(10, 5), (0, 5), (0, 0), (10, 0)])  # same square, other start
@@ -152,6 +172,122 @@ def test_geometry_key_ignores_vertex_order_and_keys_repeat():
                              geometry=[a, b, a], crs=CRS)
     keys = changes.building_keys(frame, {"t"})
     assert keys[0] == f"t:geom:{k[0]}" and keys[1] == f"t:geom:{k[0]}#1" and keys[2] == "o:x"
+
+
+def old_geometry_keys(geoms: gpd.GeoSeries, grid_m: float = 0.01) -> list[str]:
+    """The exact (slow) key of version 1: sha1 of the normalised WKB on the grid."""
+    import hashlib
+
+    wkb = shapely.to_wkb(shapely.normalize(shapely.set_precision(geoms.array, grid_m)))
+    return ["none" if b is None else hashlib.sha1(b).hexdigest()[:16] for b in wkb]
+
+
+def rewritten(g: shapely.Geometry, k: int) -> shapely.Geometry:
+    """The same shape written otherwise: rings from another start vertex, reversed, parts
+    in another order."""
+    def ring(r, rev):
+        c = list(r.coords)[:-1]
+        c = c[k % len(c):] + c[:k % len(c)]
+        return (c[::-1] if rev else c) + [c[::-1][0] if rev else c[0]]
+
+    if isinstance(g, shapely.MultiPolygon):
+        return shapely.MultiPolygon([rewritten(p, k + 1) for p in reversed(g.geoms)])
+    return shapely.Polygon(ring(g.exterior, k % 2 == 0),
+                           [ring(h, k % 2 == 1) for h in reversed(g.interiors)])
+
+
+def hand_made() -> list[shapely.Geometry]:
+    sq = shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
+    holed = shapely.Polygon([(0, 0), (30, 0), (30, 30), (0, 30)],
+                            [[(5, 5), (10, 5), (10, 10)], [(20, 20), (25, 20), (25, 25)]])
+    return [
+        sq, shapely.Polygon([(10, 5), (0, 5), (0, 0), (10, 0)]),  # other start
+        shapely.Polygon([(0, 0), (0, 5), (10, 5), (10, 0)]),  # other direction
+        shapely.Polygon([(0, 0), (10, 0), (10, 0.001), (10, 5), (0, 5)]),  # repeated on grid
+        shapely.Polygon([(0, 0), (10, 0), (10, 5.02), (0, 5)]),  # moved 2 cm
+        shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5.004)]),  # moved 4 mm (same cell)
+        shapely.Polygon([(0, 0), (5, 0), (10, 0), (10, 5), (0, 5)]),  # extra vertex on an edge
+        holed, rewritten(holed, 1), shapely.Polygon(holed.exterior),  # hole dropped
+        shapely.MultiPolygon([sq, shapely.box(20, 0, 30, 5)]),
+        shapely.MultiPolygon([shapely.box(20, 0, 30, 5), rewritten(sq, 2)]),
+        shapely.box(5e5, 3.4e6, 5e5 + 12.345, 3.4e6 + 7.5),  # UTM-sized coordinates
+        shapely.Polygon(), None,
+    ]
+
+
+def same_classes(a, b) -> bool:
+    """Two key lists group the items alike."""
+    return (pd.factorize(pd.Series(a))[0] == pd.factorize(pd.Series(b))[0]).all()
+
+
+def test_geometry_key_groups_shapes_like_the_exact_key():
+    geoms = gpd.GeoSeries(hand_made(), crs=CRS)
+    new = changes.geometry_keys(geoms)
+    old = old_geometry_keys(geoms)
+    assert same_classes(new, old)
+    assert new[0] == new[1] == new[2] == new[3] == new[5] != new[4]
+    assert new[6] != new[0] and new[7] == new[8] != new[9] and new[10] == new[11]
+    assert new[-2] == "empty" and new[-1] == "none"
+
+
+def test_geometry_key_on_sample_footprints(sample):
+    raw = gpd.read_file(sample / "osm_heritage_subset.geojson")
+    geoms = raw.geometry[raw.geom_type.isin(["Polygon", "MultiPolygon"])].to_crs(CRS)
+    geoms = gpd.GeoSeries(shapely.make_valid(geoms.array), crs=CRS)
+    geoms = geoms[geoms.geom_type.isin(["Polygon", "MultiPolygon"])].reset_index(drop=True)
+    other = gpd.GeoSeries([rewritten(g, i) for i, g in enumerate(geoms)], crs=CRS)
+    moved = geoms.translate(0.03, 0.0)
+    pool = pd.concat([geoms, other, moved], ignore_index=True)
+    new, old = changes.geometry_keys(pool), old_geometry_keys(pool)
+    assert same_classes(new, old)
+    n = len(geoms)
+    assert (new[:n] == new[n:2 * n]).all() and (new[:n] != new[2 * n:]).all()
+
+
+def test_previous_snapshot_of_the_old_key_compares_unchanged():
+    """Upgrading from a version with the WKB key: nothing reads as changed."""
+    geoms = [rect(0, 0), rect(100, 0), rect(100, 0), rect(300, 0, 12.3456, 7.0)]
+    frame = gpd.GeoDataFrame({
+        "building_id": ["t:0", "t:1", "t:2", "o:x"], "source": ["t", "t", "t", "o"],
+        "district_name": "A", "building_type": "school", "capacity_kwp": [1.0, 2.0, 2.0, 3.0],
+        "energy_mwh_per_year": [1.0, 2.0, 2.0, 3.0]}, geometry=geoms, crs=CRS)
+    old = old_geometry_keys(frame.geometry)
+    base = [f"t:geom:{k}" for k in old[:3]]
+    prev = frame.assign(building_key=[base[0], base[1], base[2] + "#1", "o:x"],
+                        geometry_key=old)  # as version 1 wrote it: no version column
+    prev = prev.assign(geometry=[rewritten(g, 1) for g in geoms])  # stored otherwise
+    cur_gk = changes.geometry_keys(frame.geometry)
+    cur = frame.assign(building_key=changes.building_keys(frame, {"t"}, cur_gk),
+                       geometry_key=cur_gk,
+                       geometry_key_version=changes.GEOMETRY_KEY_VERSION)
+    stale = changes.compare(prev, cur)  # without re-keying: every building reads as changed
+    assert stale["change"].value_counts().to_dict() == {"added": 3, "removed": 3, "changed": 1}
+    again = changes.rekey(prev)
+    assert changes.compare(again, cur).empty
+    as_read = pd.DataFrame(prev).assign(geometry=shapely.to_wkb(prev.geometry.array))
+    assert changes.compare(changes.rekey(as_read), cur).empty  # WKB, as load_previous reads
+    assert again["building_key"].tolist() == cur["building_key"].tolist()
+    assert changes.rekey(cur) is cur  # this version's snapshot is not re-keyed
+
+
+def test_kept_output_is_a_copy_not_a_link(tmp_path, monkeypatch):
+    """A kept output does not change when the published file is edited in place."""
+    src = tmp_path / "out.gpkg"
+    src.write_bytes(b"v1" * 5000)
+    for supported in (True, False):
+        dst = tmp_path / f"kept_{supported}.gpkg"
+        if not supported:  # a file system without reflinks
+            def no_clone(*args):
+                raise OSError(95, "Operation not supported")
+            monkeypatch.setattr(runs.fcntl, "ioctl", no_clone)
+        runs.copy_file(src, dst)
+        assert dst.read_bytes() == src.read_bytes()
+        assert os.stat(dst).st_ino != os.stat(src).st_ino
+        assert os.stat(dst).st_mtime == pytest.approx(os.stat(src).st_mtime)
+    with open(src, "r+b") as f:  # what SQLite does to a GeoPackage opened in QGIS
+        f.write(b"XX")
+    assert (tmp_path / "kept_True.gpkg").read_bytes()[:2] == b"v1"
+    assert (tmp_path / "kept_False.gpkg").read_bytes()[:2] == b"v1"
 
 
 def test_partition_cache_computes_only_changed_partitions(tmp_path):
