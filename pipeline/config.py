@@ -204,6 +204,7 @@ class ReportConfig(_Model):
 
     coverage_caveat: str
     cjk_font_files: list[Path] = Field(min_length=1)
+    geopackage_process_min_buildings: int = Field(default=100_000, ge=0)
 
 
 class PipelineConfig(_Model):

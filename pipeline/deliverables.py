@@ -63,7 +63,7 @@ class Plan:
 
 
 def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
-                 districts: gpd.GeoDataFrame) -> Plan:
+                 districts: gpd.GeoDataFrame, inputs: tuple | None = None) -> Plan:
     """Existing PV, CO2, towns, targets and the ranked roofs.
 
     Parameters
@@ -76,6 +76,8 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
         Yield-stage buildings.
     districts : GeoDataFrame
         District polygons (working CRS).
+    inputs : tuple, optional
+        :func:`plan_inputs`, when already read.
 
     Returns
     -------
@@ -86,26 +88,19 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
 
     plan_cfg = cfg.plan
     density = cfg.roof.module_power_density_w_per_m2
-    systems = None
-    if plan_cfg.existing_pv is not None:
-        raw = tg.read_existing_pv(plan_cfg.existing_pv, cfg.working_crs, base_dir)
-        buildings = map_partitions(buildings, tg.subtract_existing_pv, raw, density,
-                                   cfg.roof.min_array_area_m2)
+    raw, towns = inputs if inputs is not None else plan_inputs(cfg, base_dir, districts)
+    args = building_plan_args(cfg, raw, towns)
+    if raw is None and towns is None:
+        buildings = plan_buildings(buildings, *args)  # columns only: no partitions needed
+    else:
+        buildings = map_partitions(buildings, plan_buildings, *args)
+    systems = split = None
+    if raw is not None:
         systems = tg.locate_existing_pv(raw, buildings, districts, density)
         log.info("existing PV: %d systems, %.1f MW, %.0f m2 of roof taken", len(systems),
                  systems["pv_capacity_kwp"].sum() / 1000,
                  buildings["existing_pv_area_m2"].sum())
-    else:
-        buildings = buildings.copy(deep=False)  # new columns only: the others are shared
-        buildings["existing_pv_area_m2"] = 0.0
-        buildings["existing_pv_kwp"] = 0.0
-    buildings["co2_avoided_t_per_year"] = tg.co2_avoided_t(
-        buildings["energy_mwh_per_year"].to_numpy(dtype=float),
-        plan_cfg.grid_emission_factor_t_co2_per_mwh)
-    towns = split = None
-    if plan_cfg.towns is not None:
-        towns = tg.read_towns(plan_cfg.towns, districts, cfg.working_crs, base_dir)
-        buildings = map_partitions(buildings, tg.assign_towns, towns)
+    if towns is not None:
         split = tg.town_split(buildings, towns, cfg.targets)
         towns = tg.town_layer(towns, buildings, split)
     existing = (tg.existing_toward_targets(systems, cfg.targets) if systems is not None
@@ -120,6 +115,86 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     plan = gpd.GeoDataFrame(ranked[cols], geometry="geometry", crs=buildings.crs)
     return Plan(buildings=buildings, targets=targets, plan=plan, systems=systems, towns=towns,
                 split=split)
+
+
+def plan_inputs(cfg: object, base_dir: Path, districts: gpd.GeoDataFrame
+                ) -> tuple[gpd.GeoDataFrame | None, gpd.GeoDataFrame | None]:
+    """The existing-PV systems and the towns of the config, read (None when not set).
+
+    Parameters
+    ----------
+    cfg : PipelineConfig
+        The run's configuration.
+    base_dir : Path
+        Directory relative paths resolve against.
+    districts : GeoDataFrame
+        District polygons (working CRS).
+
+    Returns
+    -------
+    tuple
+        Output of :func:`pipeline.targets.read_existing_pv` and of
+        :func:`pipeline.targets.read_towns`, or None for each.
+    """
+    plan_cfg = cfg.plan
+    raw = (tg.read_existing_pv(plan_cfg.existing_pv, cfg.working_crs, base_dir)
+           if plan_cfg.existing_pv is not None else None)
+    towns = (tg.read_towns(plan_cfg.towns, districts, cfg.working_crs, base_dir)
+             if plan_cfg.towns is not None else None)
+    return raw, towns
+
+
+def building_plan_args(cfg: object, raw: gpd.GeoDataFrame | None,
+                       towns: gpd.GeoDataFrame | None) -> tuple:
+    """Arguments of :func:`plan_buildings` after the partition, from the config."""
+    return (raw, towns, cfg.roof.module_power_density_w_per_m2, cfg.roof.min_array_area_m2,
+            cfg.plan.grid_emission_factor_t_co2_per_mwh)
+
+
+def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
+                   towns: gpd.GeoDataFrame | None, power_density_w_per_m2: float,
+                   min_array_area_m2: float, factor_t_co2_per_mwh: float
+                   ) -> gpd.GeoDataFrame:
+    """Kernel: the report's per-building columns (existing PV, CO2, town).
+
+    The report's ``buildings`` layer is the yield stage's buildings with
+    these columns; the same kernel serves the whole frame and the batches
+    the GeoPackage writer streams.
+
+    Parameters
+    ----------
+    part : GeoDataFrame
+        Yield-stage buildings.
+    systems : GeoDataFrame or None
+        Existing or planned PV (:func:`pipeline.targets.read_existing_pv`).
+    towns : GeoDataFrame or None
+        Towns (:func:`pipeline.targets.read_towns`).
+    power_density_w_per_m2 : float
+        Module power per module area [W/m2].
+    min_array_area_m2 : float
+        Smallest array left on a roof after existing PV [m2].
+    factor_t_co2_per_mwh : float
+        Grid emission factor [t/MWh].
+
+    Returns
+    -------
+    GeoDataFrame
+        ``part`` with ``existing_pv_area_m2`` [m2], ``existing_pv_kwp``
+        [kWp] (capacity and energy net of existing PV),
+        ``co2_avoided_t_per_year`` [t/yr] and, with towns, ``town_name``.
+    """
+    if systems is not None:
+        part = tg.subtract_existing_pv(part, systems, power_density_w_per_m2,
+                                       min_array_area_m2)
+    else:
+        part = part.copy(deep=False)  # new columns only: the others are shared
+        part["existing_pv_area_m2"] = 0.0
+        part["existing_pv_kwp"] = 0.0
+    part["co2_avoided_t_per_year"] = tg.co2_avoided_t(
+        part["energy_mwh_per_year"].to_numpy(dtype=float), factor_t_co2_per_mwh)
+    if towns is not None:
+        part = tg.assign_towns(part, towns)
+    return part
 
 
 def _no_systems() -> pd.DataFrame:

@@ -228,6 +228,48 @@ def _spatial_order(gdf: gpd.GeoDataFrame) -> Any:
     return np.argsort(keys, kind="stable")
 
 
+def n_workers() -> int:
+    """Workers of the current run (1 outside a run).
+
+    Returns
+    -------
+    int
+    """
+    return int(_STATE.get("workers") or 1)
+
+
+def submit_background(func: Callable[..., Any], *args: Any) -> Any:
+    """Run ``func(*args)`` in another process of this machine while the driver goes on.
+
+    For work the driver itself would otherwise do serially (the report's
+    GeoPackage) and that holds the GIL. Uses a worker of the run's
+    ``processes`` pool when there is one, else a process started for it
+    (``spawn``; about 2 s to import the pipeline).
+
+    Parameters
+    ----------
+    func : callable
+        Module-level function; its arguments are pickled.
+    *args
+        Its arguments.
+
+    Returns
+    -------
+    concurrent.futures.Future
+        ``result()`` waits and returns (or raises) what ``func`` did.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = _STATE.get("pool")
+    if isinstance(pool, ProcessPoolExecutor):
+        return pool.submit(func, *args)
+    own = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = own.submit(func, *args)
+    own.shutdown(wait=False)  # the process exits when its one task is done
+    return future
+
+
 def rows_per_partition() -> int:
     """Target rows per partition of the current run [rows].
 

@@ -34,18 +34,21 @@ The ``targets`` table has one row per configured target with the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from pipeline import changes
+from pipeline import changes, parallel
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
@@ -287,33 +290,113 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame],
     dataset_metadata : dict, optional
         GDAL dataset metadata, stored in ``gpkg_metadata``.
     """
+    with atomic_path(path) as tmp:
+        write_layers(tmp, layers, layer_options, dataset_metadata)
+        check_geopackage(tmp)  # PRAGMA integrity_check before it replaces the old one
+
+
+def write_layers(path: Path, layers: dict[str, pd.DataFrame],
+                 layer_options: dict[str, dict] | None = None,
+                 dataset_metadata: dict[str, str] | None = None) -> None:
+    """Write layers into a GeoPackage file, creating it or adding to it (not atomic).
+
+    Parameters
+    ----------
+    path : Path
+        The GeoPackage; when it exists (the buildings layer streamed by
+        :func:`write_buildings_layer`) the layers are added to it.
+    layers, layer_options, dataset_metadata
+        As :func:`write_geopackage`; the dataset options and metadata apply
+        only when the file is created here.
+    """
     import pyogrio
 
     layer_options = layer_options or {}
-    with atomic_path(path) as tmp:
-        for i, (name, frame) in enumerate(layers.items()):
-            kwargs: dict = {"layer": name, "driver": "GPKG"}
-            if name in layer_options:
-                kwargs["layer_options"] = layer_options[name]
-            if i == 0:
-                # GeoPackage 1.2: read without warnings by older GDAL/QGIS (Debian 12: 3.6/3.22)
-                kwargs["dataset_options"] = {"VERSION": "1.2"}
-                if dataset_metadata:
-                    kwargs["dataset_metadata"] = dataset_metadata
-            if isinstance(frame, gpd.GeoDataFrame):
-                import shapely
+    new_file = not Path(path).exists()
+    for i, (name, frame) in enumerate(layers.items()):
+        kwargs: dict = {"layer": name, "driver": "GPKG"}
+        if name in layer_options:
+            kwargs["layer_options"] = layer_options[name]
+        if i == 0 and new_file:
+            kwargs.update(_dataset_kwargs(dataset_metadata))
+        if isinstance(frame, gpd.GeoDataFrame):
+            import shapely
 
-                type_ids = shapely.get_type_id(np.asarray(frame.geometry.array))
-                types = set(np.unique(type_ids[type_ids >= 0]).tolist())  # -1: missing
-                if not types <= {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}:
-                    kwargs["geometry_type"] = "Unknown"
-                elif types:
-                    kwargs["geometry_type"] = "MultiPolygon"
-                    frame = frame.copy(deep=False)  # the columns are shared, not copied
-                    frame["geometry"] = _to_multi(frame.geometry)
-                kwargs["promote_to_multi"] = False
-            pyogrio.write_dataframe(frame, tmp, use_arrow=True, **kwargs)  # arrow: ~2x faster
-        check_geopackage(tmp)  # PRAGMA integrity_check before it replaces the old one
+            type_ids = shapely.get_type_id(np.asarray(frame.geometry.array))
+            types = set(np.unique(type_ids[type_ids >= 0]).tolist())  # -1: missing
+            if not types <= {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}:
+                kwargs["geometry_type"] = "Unknown"
+            elif types:
+                kwargs["geometry_type"] = "MultiPolygon"
+                frame = frame.copy(deep=False)  # the columns are shared, not copied
+                frame["geometry"] = _to_multi(frame.geometry)
+            kwargs["promote_to_multi"] = False
+        pyogrio.write_dataframe(frame, path, use_arrow=True, **kwargs)  # arrow: ~2x faster
+
+
+def _dataset_kwargs(dataset_metadata: dict[str, str] | None) -> dict:
+    # GeoPackage 1.2: read without warnings by older GDAL/QGIS (Debian 12: 3.6/3.22)
+    kwargs: dict = {"dataset_options": {"VERSION": "1.2"}}
+    if dataset_metadata:
+        kwargs["dataset_metadata"] = dataset_metadata
+    return kwargs
+
+
+def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: dict,
+                          dataset_metadata: dict[str, str] | None) -> int:
+    """Stream the yield stage's buildings into a new GeoPackage, a row group at a time.
+
+    Runs in a second process (:func:`pipeline.parallel.submit_background`)
+    while the report stage computes the plan and writes the other outputs;
+    the layer equals what :func:`write_layers` writes from the whole frame.
+
+    Parameters
+    ----------
+    src : str
+        ``yield_buildings.parquet``.
+    dst : str
+        The GeoPackage to create (the report's temporary file).
+    plan_args : tuple
+        :func:`pipeline.deliverables.building_plan_args`: the report's
+        per-building columns are added batch by batch.
+    layer_options : dict
+        GDAL layer creation options of the ``buildings`` layer.
+    dataset_metadata : dict, optional
+        GDAL dataset metadata (provenance).
+
+    Returns
+    -------
+    int
+        Rows written.
+    """
+    import pyarrow.parquet as pq
+    import pyogrio
+
+    from pipeline.deliverables import plan_buildings
+    from pipeline.stream import read_partition
+
+    pf = pq.ParquetFile(src)
+    geo = json.loads(pf.metadata.metadata[b"geo"])
+    types = set(geo["columns"][geo["primary_column"]].get("geometry_types") or [])
+    polygonal = bool(types) and types <= {"Polygon", "MultiPolygon"}
+    groups = [[i] for i in range(pf.metadata.num_row_groups)] or [[]]
+    rows = 0
+    for k, group in enumerate(groups):
+        part = read_partition(Path(src), group)
+        part.index = pd.RangeIndex(rows, rows + len(part))
+        part = plan_buildings(part, *plan_args)
+        if polygonal:
+            part = part.copy(deep=False)
+            part["geometry"] = _to_multi(part.geometry)
+        kwargs: dict = {"layer": "buildings", "driver": "GPKG", "promote_to_multi": False,
+                        "geometry_type": "MultiPolygon" if polygonal else "Unknown"}
+        if k == 0:
+            kwargs.update(layer_options=layer_options, **_dataset_kwargs(dataset_metadata))
+        else:
+            kwargs["append"] = True
+        pyogrio.write_dataframe(part, dst, use_arrow=True, **kwargs)
+        rows += len(part)
+    return rows
 
 
 def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:
@@ -349,8 +432,6 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     from pipeline import deliverables as dv
     from pipeline.html_report import register_cjk_font
     from pipeline.provenance import metadata_items, provenance
-    from pipeline.targets import district_extras
-    from pipeline.workbook import write_workbook
 
     t0 = time.perf_counter()
     steps: dict[str, float] = {}
@@ -363,7 +444,52 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     font = register_cjk_font(cfg.report.cjk_font_files)  # fail before writing anything
     proc = base_dir / cfg.paths.processed_dir
     outdir = base_dir / cfg.paths.outputs_dir
-    buildings = gpd.read_parquet(proc / "yield_buildings.parquet")
+    src = proc / "yield_buildings.parquet"
+    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
+    prov = provenance(cfg, config_path, base_dir)
+    prov.update(changes.run_provenance())  # run id of pipeline.runs, when in a run
+    inputs = dv.plan_inputs(cfg, base_dir, districts)
+    n_rows = pq.ParquetFile(src).metadata.num_rows
+    background = (n_rows >= cfg.report.geopackage_process_min_buildings
+                  and parallel.n_workers() > 1)
+    with contextlib.ExitStack() as outputs:
+        # every output is written to a temporary file; all four replace the old ones together
+        # at the end, and none does if anything fails
+        tmp = {name: outputs.enter_context(atomic_path(outdir / name)) for name in
+               ("rooftop_pv.gpkg", "report.md", "report.html", "rooftop_pv.xlsx")}
+        streamed = None
+        if background:  # the buildings layer, the largest, is written meanwhile
+            streamed = parallel.submit_background(
+                write_buildings_layer, str(src), str(tmp["rooftop_pv.gpkg"]),
+                dv.building_plan_args(cfg, *inputs),
+                {"DESCRIPTION": dv.LAYER_DESCRIPTIONS["buildings"]}, metadata_items(prov))
+        try:
+            result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
+                             tmp, streamed, steps, step)
+        except BaseException:
+            if streamed is not None:
+                streamed.cancel()
+                with contextlib.suppress(Exception):
+                    streamed.result()  # let it stop writing before its file is removed
+            raise
+    step("replace")
+    log.info("report: %d buildings, %d districts, %d targets, %d ranked roofs, %d rejected "
+             "in %.1f s", *result["counts"], time.perf_counter() - t0)
+    log.info("report steps [s]: %s", ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+    return {"targets": result["targets"]}
+
+
+def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
+            districts: gpd.GeoDataFrame, prov: dict, inputs: tuple, font: str,
+            tmp: dict[str, Path], streamed: Any, steps: dict, step: Any) -> dict:
+    """The report stage's work, into the temporary output files of :func:`run`."""
+    from pipeline import deliverables as dv
+    from pipeline.provenance import metadata_items
+    from pipeline.targets import district_extras
+    from pipeline.workbook import write_workbook
+
+    proc = base_dir / cfg.paths.processed_dir
+    buildings = gpd.read_parquet(src)
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
     kept = sum(a["kept"] for a in accounting.values())
@@ -371,10 +497,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
     step("read")
-    districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
-    prov = provenance(cfg, config_path, base_dir)
-    prov.update(changes.run_provenance())  # run id of pipeline.runs, when in a run
-    plan = dv.prepare_plan(cfg, base_dir, buildings, districts)
+    plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs)
     buildings, targets = plan.buildings, plan.targets
     dlayer = district_extras(district_layer(districts, buildings, cfg.policy, targets), targets,
                              cfg.plan.grid_emission_factor_t_co2_per_mwh)
@@ -397,27 +520,32 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
     step("changes")
     layers.update(change_layers)
     layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n)
-    write_geopackage(outdir / "rooftop_pv.gpkg", layers, options, metadata_items(prov))
-    step("geopackage")
     monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
                          base_dir)
     md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov) + "\n" + change_md
-    with atomic_path(outdir / "report.md") as tmp:
-        tmp.write_text(md, encoding="utf-8")
+    tmp["report.md"].write_text(md, encoding="utf-8")
     step("markdown")
     table = assumptions(config_path, ASSUMPTION_SECTIONS)
-    dv.write_html(outdir / "report.html", cfg, plan, dlayer, by_type, monthly, accounting,
+    dv.write_html(tmp["report.html"], cfg, plan, dlayer, by_type, monthly, accounting,
                   table, rule_view(cfg, dlayer), prov, font)
     step("html")
-    write_workbook(outdir / "rooftop_pv.xlsx",
-                   dv.workbook_sheets(plan, dlayer, by_type, table, prov))
+    write_workbook(tmp["rooftop_pv.xlsx"], dv.workbook_sheets(plan, dlayer, by_type, table, prov))
     step("workbook")
-    log.info("report: %d buildings, %d districts, %d targets, %d ranked roofs, %d rejected "
-             "in %.1f s", len(buildings), len(dlayer), len(targets), len(plan.plan),
-             len(rejected), time.perf_counter() - t0)
-    log.info("report steps [s]: %s", ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
-    return {"targets": targets.to_dict("records")}
+    gpkg = tmp["rooftop_pv.gpkg"]
+    if streamed is not None:
+        rows = streamed.result()
+        if rows != len(buildings):
+            raise RuntimeError(f"{gpkg}: the buildings layer has {rows} rows, the report "
+                               f"{len(buildings)}")
+        step("geopackage buildings (wait)")
+        layers.pop("buildings")
+    write_layers(gpkg, layers, options, metadata_items(prov))
+    check_geopackage(gpkg)  # PRAGMA integrity_check before it replaces the old one
+    step("geopackage")
+    return {"targets": targets.to_dict("records"),
+            "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
+                       len(rejected))}
 
 
 #: Config sections whose keys the reports list as assumptions.

@@ -283,3 +283,41 @@ def test_qgis_check_fails_without_the_styles(styled_gpkg, tmp_path):
                               "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
     assert res.returncode == 1
     assert "buildings: renderer singleSymbol, expected categorizedSymbol" in res.stderr
+
+
+def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path):
+    """The report's second process writes the same buildings layer, one row group at a time."""
+    import os
+
+    from pipeline.deliverables import building_plan_args, plan_inputs
+    from pipeline.parallel import submit_background
+    from pipeline.report import write_buildings_layer, write_layers
+    from pipeline.stream import GeoParquetWriter, to_arrow
+
+    districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
+                                 crs=CRS)
+    cfg = plan_cfg(tmp_path, True, True)
+    b = yield_buildings()
+    b.loc[1, "geometry"] = b.geometry.iloc[1].union(box(130, 0, 140, 10))  # a MultiPolygon
+    src = tmp_path / "yield_buildings.parquet"
+    with GeoParquetWriter(src) as w:  # one row per row group, as partitions are written
+        for i in range(len(b)):
+            w.write(to_arrow(b.iloc[[i]]))
+    inputs = plan_inputs(cfg, tmp_path, districts)
+    whole = prepare_plan(cfg, tmp_path, gpd.read_parquet(src), districts, inputs).buildings
+    write_layers(tmp_path / "whole.gpkg", {"buildings": whole},
+                 {"buildings": {"DESCRIPTION": "d"}}, {"K": "v"})
+    rows = write_buildings_layer(str(src), str(tmp_path / "streamed.gpkg"),
+                                 building_plan_args(cfg, *inputs), {"DESCRIPTION": "d"},
+                                 {"K": "v"})
+    assert rows == 2
+    a = pyogrio.read_dataframe(tmp_path / "whole.gpkg", layer="buildings")
+    s = pyogrio.read_dataframe(tmp_path / "streamed.gpkg", layer="buildings")
+    pd.testing.assert_frame_equal(pd.DataFrame(a.drop(columns="geometry")),
+                                  pd.DataFrame(s.drop(columns="geometry")))
+    assert a.geom_equals_exact(s.geometry, 0).all() and set(s.geom_type) == {"MultiPolygon"}
+    assert s["existing_pv_area_m2"].tolist() == pytest.approx([100.0, 0.0])
+    assert pyogrio.read_info(tmp_path / "streamed.gpkg", layer="buildings")[
+        "dataset_metadata"]["K"] == "v"
+    # and it runs in another process
+    assert submit_background(os.getpid).result() != os.getpid()
