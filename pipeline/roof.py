@@ -190,7 +190,8 @@ def solstice_row_gcr(latitude_deg: np.ndarray | float, tilt_deg: np.ndarray | fl
         tan_alt = sin_alt / np.sqrt(1.0 - sin_alt ** 2)
         reach = np.maximum(cos_rel, 0.0) / tan_alt
     reach = np.where(sin_alt > 0, reach, np.inf).max(axis=1)
-    gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
+    with np.errstate(invalid="ignore"):  # 0 tilt x inf reach: replaced by 1 below
+        gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
     gcr = np.where(np.isinf(reach) & (np.broadcast_to(tilt, reach.shape) > 0), np.nan, gcr)
     return np.where(np.broadcast_to(tilt, reach.shape) == 0, 1.0, gcr)
 

@@ -332,24 +332,32 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
         return horizon
     r = cfg.radius_m
     nb = neighbours
-    near = ((nb["x"] > np.nanmin(x) - r - 1e3) & (nb["x"] < np.nanmax(x) + r + 1e3)
-            & (nb["y"] > np.nanmin(y) - r - 1e3) & (nb["y"] < np.nanmax(y) + r + 1e3)
-            & (nb["height_m"] >= np.nanmin(height_m) + cfg.min_height_difference_m))
-    nb = nb[near.to_numpy()]
-    if nb.empty:
-        return horizon
-    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
-    rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
-    # envelope query (cheap), the exact distance filter follows on the taller pairs only
-    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
+    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy(
+        dtype=float).reshape(-1, 4, 2)
+    lo_x, hi_x = c[:, :, 0].min(axis=1), c[:, :, 0].max(axis=1)
+    lo_y, hi_y = c[:, :, 1].min(axis=1), c[:, :, 1].max(axis=1)
+    # only rectangles whose envelope meets the roofs' query squares can be found below
     nb_h = nb["height_m"].to_numpy(dtype=float)
+    near = np.flatnonzero((hi_x >= np.nanmin(x) - r) & (lo_x <= np.nanmax(x) + r)
+                          & (hi_y >= np.nanmin(y) - r) & (lo_y <= np.nanmax(y) + r)
+                          & (nb_h >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    if len(near) == 0:
+        return horizon
+    c, nb_h = c[near], nb_h[near]
+    nb_id = nb["building_id"].to_numpy()[near]
+    nb_x, nb_y = nb["x"].to_numpy()[near], nb["y"].to_numpy()[near]
+    # the query compares envelopes only, so each rectangle is indexed by its envelope (a box
+    # is much cheaper to build than the rotated rectangle; the pairs found are the same)
+    env = shapely.box(lo_x[near], lo_y[near], hi_x[near], hi_y[near])
+    # envelope query (cheap), the exact distance filter follows on the taller pairs only
+    i, j = shapely.STRtree(env).query(shapely.box(x - r, y - r, x + r, y + r))
     dh = nb_h[j] - height_m[i]
-    keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
+    keep = (dh >= cfg.min_height_difference_m) & (nb_id[j] != ids[i])
     i, j, dh = i[keep], j[keep], dh[keep]
     if len(i) == 0:
         return horizon
     d = point_rectangle_distance(x[i], y[i], c[j])
-    nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
+    nx, ny = nb_x[j], nb_y[j]
     inside = d <= 1e-9
     within = d <= r
     d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
@@ -403,15 +411,24 @@ def unshaded_share(horizon: np.ndarray, tilt_deg: np.ndarray, azimuth_deg: np.nd
         raise ValueError("unshaded_share: an orientation class is missing from the table")
     if not has.any():
         return share, beam_loss
-    h = np.clip(horizon[has], 0.0, 90.0) / ELEVATION_STEP_DEG
-    j0 = np.floor(h).astype(int)
-    frac = h - j0
-    p = pos[has][:, None]
-    k = np.arange(horizon.shape[1])[None, :]
-    cum = table.cum_beam
-    blocked = (cum[p, k, j0] + frac * (cum[p, k, j0 + 1] - cum[p, k, j0])).sum(axis=1)
+    # only roofs with some horizon lose anything: elsewhere blocked beam and sky loss are 0
+    hz = horizon[has]
+    open_sky = ~(hz > 0).any(axis=1)
+    blocked = np.zeros(len(hz))
+    sky_loss = np.zeros(len(hz))
+    if not open_sky.all():
+        hz = np.clip(hz[~open_sky], 0.0, 90.0)
+        h = hz / ELEVATION_STEP_DEG
+        j0 = np.floor(h).astype(np.int64)
+        frac = h - j0
+        n_sec, n_el = table.cum_beam.shape[1:]
+        flat = (pos[has][~open_sky][:, None] * n_sec
+                + np.arange(horizon.shape[1])[None, :]) * n_el + j0
+        cum = table.cum_beam.reshape(-1)
+        c0 = cum[flat]
+        blocked[~open_sky] = (c0 + frac * (cum[flat + 1] - c0)).sum(axis=1)
+        sky_loss[~open_sky] = np.mean(np.sin(np.radians(hz)) ** 2, axis=1)
     b, d, g = table.beam[pos[has]], table.sky[pos[has]], table.ground[pos[has]]
-    sky_loss = np.mean(np.sin(np.radians(np.clip(horizon[has], 0, 90))) ** 2, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         bl = np.where(b > 0, blocked / b, 0.0)
         total = b + d + g
