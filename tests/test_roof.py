@@ -275,7 +275,7 @@ def test_solstice_gcr_equals_the_arctan2_form_in_blocks():
         assert np.isnan(got).sum() > 0
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(solstice_row_gcr(lat, 20.0), _gcr_reference(lat, 20.0),
-                               rtol=1e-12)
+                               rtol=1e-12, atol=1e-14)
 
 
 def test_latitude_equals_to_crs():
