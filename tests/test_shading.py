@@ -143,3 +143,97 @@ def test_plane_yield_sums_the_planes_with_their_shading():
 def test_config_rejects_bad_sector():
     with pytest.raises(ValueError, match="divide 360"):
         ShadingConfig(horizon_sector_deg=7.0)
+
+
+# --- fast paths against the former (slow) implementations -----------------------------------
+
+def _horizon_reference(x, y, height_m, ids, nb, cfg):
+    """Former horizon_profile: rotated-rectangle polygons in the tree, centroid prefilter."""
+    import shapely
+
+    from pipeline.shading import point_rectangle_distance
+
+    n_sec = int(round(360.0 / cfg.horizon_sector_deg))
+    horizon = np.zeros((len(x), n_sec))
+    r = cfg.radius_m
+    near = ((nb["x"] > np.nanmin(x) - r - 1e3) & (nb["x"] < np.nanmax(x) + r + 1e3)
+            & (nb["y"] > np.nanmin(y) - r - 1e3) & (nb["y"] < np.nanmax(y) + r + 1e3)
+            & (nb["height_m"] >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    nb = nb[near.to_numpy()]
+    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
+    rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
+    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
+    dh = nb["height_m"].to_numpy(dtype=float)[j] - height_m[i]
+    keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
+    i, j, dh = i[keep], j[keep], dh[keep]
+    d = point_rectangle_distance(x[i], y[i], c[j])
+    nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
+    inside = d <= 1e-9
+    d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
+    ok = (d <= r) & (d > 1e-9)
+    i, dh, d, c_ij, inside, nx, ny = i[ok], dh[ok], d[ok], c[j[ok]], inside[ok], nx[ok], ny[ok]
+    elev = np.degrees(np.arctan2(dh, d))
+    az0 = np.degrees(np.arctan2(nx - x[i], ny - y[i]))
+    az_c = np.degrees(np.arctan2(c_ij[:, :, 0] - x[i, None], c_ij[:, :, 1] - y[i, None]))
+    rel = np.mod(az_c - az0[:, None] + 180.0, 360.0) - 180.0
+    lo = np.where(inside, 0.0, az0 + rel.min(axis=1))
+    hi = np.where(inside, 360.0 - 1e-9, az0 + rel.max(axis=1))
+    w = cfg.horizon_sector_deg
+    for k in range(len(i)):
+        first, last = int(np.floor(lo[k] / w)), int(np.floor(hi[k] / w))
+        for s in range(first, first + min(last - first + 1, n_sec)):
+            horizon[i[k], s % n_sec] = max(horizon[i[k], s % n_sec], elev[k])
+    return horizon
+
+
+def test_horizon_profile_equals_the_polygon_tree_on_a_dense_town():
+    from shapely import affinity
+
+    rng = np.random.default_rng(11)
+    n = 400
+    cx, cy = rng.uniform(0, 900, n), rng.uniform(0, 900, n)
+    geoms = [affinity.rotate(box(X0 + a - w, Y0 + b - d, X0 + a + w, Y0 + b + d), ang)
+             for a, b, w, d, ang in zip(cx, cy, rng.uniform(4, 30, n), rng.uniform(4, 15, n),
+                                        rng.uniform(0, 180, n), strict=True)]
+    b = gpd.GeoDataFrame({"building_id": [f"b{i}" for i in range(n)],
+                          "height_m": rng.choice([6.0, 12.0, 24.0, 60.0, 100.0], n)},
+                         geometry=geoms, crs="EPSG:32651")
+    nb = neighbour_table(b)
+    roofs_ = slice(0, 250)  # a partition: the others are neighbours only
+    x, y = nb["x"].to_numpy()[roofs_], nb["y"].to_numpy()[roofs_]
+    h, ids = nb["height_m"].to_numpy()[roofs_], nb["building_id"].to_numpy()[roofs_]
+    got = horizon_profile(x, y, h, ids, nb, CFG)
+    ref = _horizon_reference(x, y, h, ids, nb, CFG)
+    assert (got > 0).any(axis=1).mean() > 0.3
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unshaded_share_equals_the_full_gather(south_table):
+    from pipeline.shading import ELEVATION_STEP_DEG
+
+    rng = np.random.default_rng(2)
+    n = 300
+    horizon = np.where(rng.uniform(size=(n, 36)) < 0.2, rng.uniform(0, 60, (n, 36)), 0.0)
+    horizon[:120] = 0.0  # open sky
+    tilt = rng.choice([20.0, 25.0], n)
+    az = np.where(tilt == 20.0, 180.0, rng.choice([90.0, 270.0], n))
+    az[:5] = np.nan  # no plane
+    share, loss = unshaded_share(horizon, tilt, az, south_table)
+    # the former per-row gather over every roof
+    from pipeline.pvyield import _class_key
+
+    pos = pd.Index(south_table.keys).get_indexer(_class_key(tilt, az, south_table.step_deg))
+    has = pos >= 0
+    hh = np.clip(horizon[has], 0.0, 90.0) / ELEVATION_STEP_DEG
+    j0 = np.floor(hh).astype(int)
+    frac = hh - j0
+    p, k, cum = pos[has][:, None], np.arange(36)[None, :], south_table.cum_beam
+    blocked = (cum[p, k, j0] + frac * (cum[p, k, j0 + 1] - cum[p, k, j0])).sum(axis=1)
+    b, d, g = (south_table.beam[pos[has]], south_table.sky[pos[has]],
+               south_table.ground[pos[has]])
+    sky = np.mean(np.sin(np.radians(np.clip(horizon[has], 0, 90))) ** 2, axis=1)
+    np.testing.assert_array_equal(share[has], np.clip((b - blocked + d * (1 - sky) + g)
+                                                      / (b + d + g), 0, 1))
+    np.testing.assert_array_equal(loss[has], np.clip(blocked / b, 0, 1))
+    assert np.isnan(share[:5]).all() and (loss[5:120] == 0).all()
+    assert (share[120:][has[120:]] < 1).any()
