@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -594,14 +595,21 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     src = d / "roof_buildings.parquet"
     before = read_columns(src, ["tilt_deg", "azimuth_deg", "azimuth_2_deg", "suitable",
                                 "capacity_kwp"])
-    weather = read_weather(cfg.weather, base_dir)
     step = cfg.yield_.orientation_step_deg
     classes = orientation_classes(plane_orientations(before), step)
-    table = horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
-    # the compact obstacle table of all buildings, built partition by partition
-    neighbours = pd.concat(list(map_tasks(
-        _neighbour_partition, [(str(src), p) for p in partitions(src)],
-        label="shading obstacles")), ignore_index=True)
+
+    def class_table() -> HorizonTable:
+        weather = read_weather(cfg.weather, base_dir)
+        return horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
+
+    # the weather and class tables (a fixed cost) are read while the workers build the
+    # compact obstacle table of all buildings, partition by partition
+    with ThreadPoolExecutor(1) as pool:
+        table_job = pool.submit(class_table)
+        neighbours = pd.concat(list(map_tasks(
+            _neighbour_partition, [(str(src), p) for p in partitions(src)],
+            label="shading obstacles")), ignore_index=True)
+        table = table_job.result()
     rows_in, rows_out, out = map_file(src, d / "shading_buildings.parquet", shading_kernel,
                                       neighbours, table, cfg.shading, label="shading",
                                       keep=("suitable", "capacity_kwp"))
