@@ -93,7 +93,7 @@ _MITRE = {"join_style": "mitre", "mitre_limit": 5.0}
 _MITRE_SAFE_TURN_DEG = 150.0
 #: Rings with reflex corners and more vertices than this take the GEOS buffers
 #: (the self-crossing test of :func:`inset_areas` is quadratic in the vertices).
-_MAX_REFLEX_RING_VERTICES = 16
+_MAX_REFLEX_RING_VERTICES = 32
 
 
 def setback_area(geometry: gpd.GeoSeries, setback_m: np.ndarray | float) -> np.ndarray:
