@@ -28,7 +28,8 @@ Method
     once by the driver from all buildings and broadcast, so neighbours in
     other partitions count). For each roof, seen from its centroid at roof
     height, the neighbours within ``radius_m`` that are at least
-    ``min_height_difference_m`` taller are found with an STRtree; each one
+    ``min_height_difference_m`` taller are found by their envelopes
+    (:func:`envelope_pairs`, sorted strips, no geometry built); each one
     raises the horizon to ``atan(dh / d)`` (``d``: distance to its rectangle)
     over the azimuth sectors (``horizon_sector_deg`` wide) that its
     rectangle spans. Using the nearest distance for the whole span is
@@ -304,6 +305,68 @@ def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
     return np.where(inside, 0.0, dist)
 
 
+def envelope_pairs(x: np.ndarray, y: np.ndarray, half_side_m: float, lo_x: np.ndarray,
+                   lo_y: np.ndarray, hi_x: np.ndarray, hi_y: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (point, box) where the square around the point meets the box.
+
+    The same pairs as ``shapely.STRtree(boxes).query(squares)`` (envelopes
+    that intersect, edges included), found without building geometries: the
+    points are sorted into vertical strips ``half_side_m`` wide and by ``y``
+    within a strip; each box takes, in every strip its widened extent
+    covers, the run of points in its widened ``y`` range (two binary
+    searches), and the candidates are then tested exactly. Numpy only.
+
+    Parameters
+    ----------
+    x, y : ndarray
+        Points [m] (NaN: none).
+    half_side_m : float
+        Half the side of the square around each point [m].
+    lo_x, lo_y, hi_x, hi_y : ndarray
+        Box bounds [m] (NaN: none).
+
+    Returns
+    -------
+    i, j : ndarray of int64
+        Positions of the points and of the boxes.
+    """
+    r = float(half_side_m)
+    pts = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    boxes = np.flatnonzero(np.isfinite(lo_x) & np.isfinite(lo_y) & np.isfinite(hi_x)
+                           & np.isfinite(hi_y))
+    empty = np.zeros(0, dtype=np.int64)
+    if len(pts) == 0 or len(boxes) == 0:
+        return empty, empty
+    px, py = x[pts], y[pts]
+    ox, oy = px.min(), py.min()
+    width = max(r, 1.0, (px.max() - ox) / 4096.0)  # at most 4097 strips
+    strip = np.floor((px - ox) / width)
+    n_strips = int(strip.max()) + 1
+    span = py.max() - oy + 1.0  # strip k holds keys [k span, k span + span)
+    key = strip * span + (py - oy)
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    slack = r + 1.0  # 1 m beyond the exact test against rounding
+    s0 = np.clip(np.floor((lo_x[boxes] - slack - ox) / width), 0, n_strips)
+    s1 = np.clip(np.floor((hi_x[boxes] + slack - ox) / width), -1, n_strips - 1)
+    count = np.maximum(s1 - s0 + 1, 0).astype(np.int64)
+    rep = np.repeat(np.arange(len(boxes)), count)
+    k = s0[rep] + (np.arange(len(rep)) - np.repeat(np.cumsum(count) - count, count))
+    y_lo = np.clip(lo_y[boxes][rep] - slack - oy, 0.0, span - 1.0)
+    y_hi = np.clip(hi_y[boxes][rep] + slack - oy, -0.5, span - 0.5)
+    first = np.searchsorted(skey, k * span + y_lo, side="left")
+    n_in = np.maximum(np.searchsorted(skey, k * span + y_hi, side="right") - first, 0)
+    rep2 = np.repeat(np.arange(len(rep)), n_in)
+    i = pts[order[np.repeat(first, n_in) + np.arange(len(rep2))
+                  - np.repeat(np.cumsum(n_in) - n_in, n_in)]]
+    j = boxes[rep[rep2]]
+    # the exact test of the tree query: box and square envelopes intersect
+    hit = ((lo_x[j] <= x[i] + r) & (hi_x[j] >= x[i] - r)
+           & (lo_y[j] <= y[i] + r) & (hi_y[j] >= y[i] - r))
+    return i[hit].astype(np.int64), j[hit].astype(np.int64)
+
+
 def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.ndarray,
                     neighbours: pd.DataFrame, cfg: ShadingConfig) -> np.ndarray:
     """Horizon elevation per azimuth sector seen from each roof.
@@ -347,11 +410,8 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
     c, nb_h = c[near], nb_h[near]
     nb_id = nb["building_id"].to_numpy()[near]
     nb_x, nb_y = nb["x"].to_numpy()[near], nb["y"].to_numpy()[near]
-    # the query compares envelopes only, so each rectangle is indexed by its envelope (a box
-    # is much cheaper to build than the rotated rectangle; the pairs found are the same)
-    env = shapely.box(lo_x[near], lo_y[near], hi_x[near], hi_y[near])
     # envelope query (cheap), the exact distance filter follows on the taller pairs only
-    i, j = shapely.STRtree(env).query(shapely.box(x - r, y - r, x + r, y + r))
+    i, j = envelope_pairs(x, y, r, lo_x[near], lo_y[near], hi_x[near], hi_y[near])
     dh = nb_h[j] - height_m[i]
     keep = (dh >= cfg.min_height_difference_m) & (nb_id[j] != ids[i])
     i, j, dh = i[keep], j[keep], dh[keep]

@@ -13,6 +13,7 @@ from pipeline.planes import join_plane_yield, plane_rows
 from pipeline.pvyield import MONTH_COLUMNS, YieldConfig, orientation_classes
 from pipeline.shading import (
     ShadingConfig,
+    envelope_pairs,
     horizon_profile,
     horizon_table,
     neighbour_table,
@@ -237,3 +238,28 @@ def test_unshaded_share_equals_the_full_gather(south_table):
     np.testing.assert_array_equal(loss[has], np.clip(blocked / b, 0, 1))
     assert np.isnan(share[:5]).all() and (loss[5:120] == 0).all()
     assert (share[120:][has[120:]] < 1).any()
+
+
+@pytest.mark.parametrize("r", [150.0, 10.0, 0.3])
+def test_envelope_pairs_equal_the_tree_query(r):
+    import shapely
+
+    rng = np.random.default_rng(int(r * 10))
+    n, m = 3000, 6000
+    x, y = rng.uniform(0, 5000, n), rng.uniform(0, 5000, n)
+    x[:5] = np.nan
+    cx, cy = rng.uniform(-300, 5300, m), rng.uniform(-300, 5300, m)
+    w, h = rng.exponential(15, m), rng.exponential(15, m)
+    w[:3] = 2500.0  # boxes across many strips
+    lo_x, hi_x, lo_y, hi_y = cx - w, cx + w, cy - h, cy + h
+    lo_x[-3:] = np.nan  # an empty footprint
+    # boxes touching a square exactly at its edge or corner count, as in the tree
+    lo_x[10], lo_y[10], hi_x[10], hi_y[10] = x[10] + r, y[10] - 1, x[10] + r + 5, y[10] + 1
+    lo_x[11], lo_y[11], hi_x[11], hi_y[11] = x[11] - r - 5, y[11] + r, x[11] - r, y[11] + r + 3
+    i, j = envelope_pairs(x, y, r, lo_x, lo_y, hi_x, hi_y)
+    tree = shapely.STRtree(shapely.box(lo_x, lo_y, hi_x, hi_y))
+    ti, tj = tree.query(shapely.box(x - r, y - r, x + r, y + r))
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert len(got) == len(i)  # no pair twice
+    assert got == set(zip(ti.tolist(), tj.tolist(), strict=True))
+    assert (10, 10) in got and (11, 11) in got
