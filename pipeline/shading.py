@@ -62,7 +62,9 @@ Method
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +279,83 @@ def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
     return out
 
 
+@dataclass(frozen=True)
+class ObstacleIndex:
+    """A neighbour table as arrays sorted by the west edge of the rectangle envelopes.
+
+    Attributes
+    ----------
+    lo_x, lo_y, hi_x, hi_y : ndarray
+        Envelope bounds [m], ``lo_x`` ascending (NaN rows last).
+    max_width_m : float
+        Widest envelope [m] (0 if none).
+    corners : ndarray
+        Shape (n, 4, 2): rectangle corners [m].
+    x, y, height_m : ndarray
+        Centroids and heights [m].
+    building_id : ndarray
+        Ids.
+    """
+
+    lo_x: np.ndarray
+    lo_y: np.ndarray
+    hi_x: np.ndarray
+    hi_y: np.ndarray
+    max_width_m: float
+    corners: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    height_m: np.ndarray
+    building_id: np.ndarray
+
+
+_OBSTACLE_INDEX: dict[int, ObstacleIndex] = {}
+_OBSTACLE_LOCK = threading.Lock()
+
+
+def obstacle_index(neighbours: pd.DataFrame) -> ObstacleIndex:
+    """The :class:`ObstacleIndex` of a neighbour table, built once per table object.
+
+    The table is broadcast to every partition; converting and sorting it in
+    each would cost O(buildings) per partition, so O(buildings^2 /
+    partition size) for the stage. The index is cached for the lifetime of
+    the table object (threads share it; each worker process builds its own).
+
+    Parameters
+    ----------
+    neighbours : DataFrame
+        :func:`neighbour_table` rows (all buildings, or a subset).
+
+    Returns
+    -------
+    ObstacleIndex
+        The arrays.
+    """
+    key = id(neighbours)
+    with _OBSTACLE_LOCK:
+        hit = _OBSTACLE_INDEX.get(key)
+        if hit is not None and len(hit.x) == len(neighbours):
+            return hit
+        c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy(
+            dtype=float).reshape(-1, 4, 2)
+        lo_x = c[:, :, 0].min(axis=1)
+        order = np.argsort(lo_x, kind="stable")  # NaN last
+        c = c[order]
+        lo_x = lo_x[order]
+        hi_x = c[:, :, 0].max(axis=1)
+        width = hi_x - lo_x
+        index = ObstacleIndex(
+            lo_x=lo_x, lo_y=c[:, :, 1].min(axis=1), hi_x=hi_x, hi_y=c[:, :, 1].max(axis=1),
+            max_width_m=float(np.nanmax(width)) if np.isfinite(width).any() else 0.0,
+            corners=c, x=neighbours["x"].to_numpy(dtype=float)[order],
+            y=neighbours["y"].to_numpy(dtype=float)[order],
+            height_m=neighbours["height_m"].to_numpy(dtype=float)[order],
+            building_id=neighbours["building_id"].to_numpy()[order])
+        _OBSTACLE_INDEX[key] = index
+        weakref.finalize(neighbours, _OBSTACLE_INDEX.pop, key, None)
+        return index
+
+
 def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
                              ) -> np.ndarray:
     """Distance from points to convex quadrilaterals (0 inside).
@@ -395,23 +474,24 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
     if len(x) == 0 or neighbours.empty:
         return horizon
     r = cfg.radius_m
-    nb = neighbours
-    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy(
-        dtype=float).reshape(-1, 4, 2)
-    lo_x, hi_x = c[:, :, 0].min(axis=1), c[:, :, 0].max(axis=1)
-    lo_y, hi_y = c[:, :, 1].min(axis=1), c[:, :, 1].max(axis=1)
-    # only rectangles whose envelope meets the roofs' query squares can be found below
-    nb_h = nb["height_m"].to_numpy(dtype=float)
-    near = np.flatnonzero((hi_x >= np.nanmin(x) - r) & (lo_x <= np.nanmax(x) + r)
-                          & (hi_y >= np.nanmin(y) - r) & (lo_y <= np.nanmax(y) + r)
-                          & (nb_h >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    ob = obstacle_index(neighbours)
+    # only rectangles whose envelope meets the roofs' query squares can be found below:
+    # a slice of the table sorted by envelope west edge, then the exact test
+    x0, x1 = np.nanmin(x) - r, np.nanmax(x) + r
+    a = int(np.searchsorted(ob.lo_x, x0 - ob.max_width_m, side="left"))
+    b = int(np.searchsorted(ob.lo_x, x1, side="right"))
+    lo_x, hi_x, lo_y, hi_y = ob.lo_x[a:b], ob.hi_x[a:b], ob.lo_y[a:b], ob.hi_y[a:b]
+    nb_h = ob.height_m[a:b]
+    near = a + np.flatnonzero((hi_x >= x0) & (lo_x <= x1)
+                              & (hi_y >= np.nanmin(y) - r) & (lo_y <= np.nanmax(y) + r)
+                              & (nb_h >= np.nanmin(height_m) + cfg.min_height_difference_m))
     if len(near) == 0:
         return horizon
-    c, nb_h = c[near], nb_h[near]
-    nb_id = nb["building_id"].to_numpy()[near]
-    nb_x, nb_y = nb["x"].to_numpy()[near], nb["y"].to_numpy()[near]
+    lo_x, hi_x, lo_y, hi_y = ob.lo_x[near], ob.hi_x[near], ob.lo_y[near], ob.hi_y[near]
+    c, nb_h, nb_id = ob.corners[near], ob.height_m[near], ob.building_id[near]
+    nb_x, nb_y = ob.x[near], ob.y[near]
     # envelope query (cheap), the exact distance filter follows on the taller pairs only
-    i, j = envelope_pairs(x, y, r, lo_x[near], lo_y[near], hi_x[near], hi_y[near])
+    i, j = envelope_pairs(x, y, r, lo_x, lo_y, hi_x, hi_y)
     dh = nb_h[j] - height_m[i]
     keep = (dh >= cfg.min_height_difference_m) & (nb_id[j] != ids[i])
     i, j, dh = i[keep], j[keep], dh[keep]
