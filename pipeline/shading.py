@@ -372,15 +372,23 @@ def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
     ndarray
         Distance [m].
     """
-    a = corners
-    ab = np.roll(corners, -1, axis=1) - a
-    ap = np.stack([px, py], axis=-1)[:, None, :] - a
-    len2 = (ab ** 2).sum(axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
-    dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
-    cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
-    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+    # edge by edge on 1-d arrays (the same arithmetic as on (m, 4, 2) arrays, less memory)
+    dist = np.full(len(px), np.inf)
+    pos = np.ones(len(px), dtype=bool)
+    neg = np.ones(len(px), dtype=bool)
+    for k in range(4):
+        ax, ay = corners[:, k, 0], corners[:, k, 1]
+        abx = corners[:, (k + 1) % 4, 0] - ax
+        aby = corners[:, (k + 1) % 4, 1] - ay
+        apx, apy = px - ax, py - ay
+        len2 = abx ** 2 + aby ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.clip(np.where(len2 > 0, (apx * abx + apy * aby) / len2, 0.0), 0.0, 1.0)
+        np.minimum(dist, np.hypot(apx - t * abx, apy - t * aby), out=dist)
+        cross = abx * apy - aby * apx
+        pos &= cross >= 0
+        neg &= cross <= 0
+    inside = pos | neg
     return np.where(inside, 0.0, dist)
 
 
