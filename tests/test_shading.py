@@ -263,3 +263,30 @@ def test_envelope_pairs_equal_the_tree_query(r):
     assert len(got) == len(i)  # no pair twice
     assert got == set(zip(ti.tolist(), tj.tolist(), strict=True))
     assert (10, 10) in got and (11, 11) in got
+
+
+def test_point_rectangle_distance_equals_the_array_form():
+    from pipeline.shading import point_rectangle_distance
+
+    def array_form(px, py, corners):  # the former (m, 4, 2) implementation
+        ab = np.roll(corners, -1, axis=1) - corners
+        ap = np.stack([px, py], axis=-1)[:, None, :] - corners
+        len2 = (ab ** 2).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
+        dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
+        cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
+        inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+        return np.where(inside, 0.0, dist)
+
+    rng = np.random.default_rng(4)
+    m = 20_000
+    corners = rng.uniform(0, 100, (m, 4, 2)) + [X0, Y0]
+    corners[:10] = corners[:10, :1]  # degenerate: a point
+    px, py = rng.uniform(0, 100, m) + X0, rng.uniform(0, 100, m) + Y0
+    got = point_rectangle_distance(px, py, corners)
+    np.testing.assert_array_equal(got, array_form(px, py, corners))
+    # by hand: a 10 x 10 square, points outside, on an edge, inside
+    sq = np.array([[[0, 0], [10, 0], [10, 10], [0, 10]]] * 3, dtype=float)
+    assert point_rectangle_distance(np.array([13.0, 10.0, 5.0]), np.array([14.0, 5.0, 5.0]),
+                                    sq).tolist() == [5.0, 0.0, 0.0]
