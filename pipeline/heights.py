@@ -236,9 +236,17 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
         return np.full(n, np.nan), share
     valid_geom = ~(geometry.isna() | geometry.is_empty).to_numpy()
     for crs, files in index.groupby("crs", sort=False):
-        geoms = geometry.to_crs(crs)
-        bounds = geoms.bounds.to_numpy()
-        areas = geoms.area.to_numpy()
+        # only footprints near these rasters are reprojected; the others get NaN bounds,
+        # which the hit test below rejects as it would reject their true bounds
+        near = np.flatnonzero(valid_geom & _near_rasters(geometry, files, crs))
+        bounds = np.full((n, 4), np.nan)
+        areas = np.full(n, np.nan)
+        garr = np.full(n, None, dtype=object)
+        if len(near):
+            sub = geometry.iloc[near].to_crs(crs)
+            bounds[near] = sub.bounds.to_numpy()
+            areas[near] = sub.area.to_numpy()
+            garr[near] = np.asarray(sub.array, dtype=object)
         for f in files.itertuples(index=False):
             hit = (valid_geom & (bounds[:, 0] < f.right) & (bounds[:, 2] > f.left)
                    & (bounds[:, 1] < f.top) & (bounds[:, 3] > f.bottom))
@@ -275,9 +283,9 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
                         valid &= data != f.nodata
                     # overlapping footprints are burnt in separate layers, so that each
                     # building gets all of its pixels whatever else is in the block
-                    for layer in _overlap_free_layers(geoms.array[sel]):
+                    for layer in _overlap_free_layers(garr[sel]):
                         lsel = sel[layer]
-                        burnt = _burn(geoms.array[lsel], (h, w),
+                        burnt = _burn(garr[lsel], (h, w),
                                       _window_transform(ds.transform, win))
                         ok = (burnt > 0) & valid
                         lab = lsel[burnt[ok] - 1]
@@ -290,6 +298,55 @@ def raster_heights(geometry: gpd.GeoSeries, index: pd.DataFrame, block_px: int =
     labels = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     values = np.concatenate(values_all) if values_all else np.zeros(0)
     return _group_median(labels, values, n), np.minimum(share, 1.0)
+
+
+#: Margin around a raster's extent, reprojected to the footprints' CRS, within
+#: which footprints are reprojected to the raster's CRS [footprint CRS units].
+_NEAR_RASTER_MARGIN = 1000.0
+
+
+def _near_rasters(geometry: gpd.GeoSeries, files: pd.DataFrame, crs: str) -> np.ndarray:
+    """Footprints that may overlap one of ``files`` (a superset), without reprojecting them.
+
+    Each raster extent is reprojected to the footprints' CRS (densified
+    edges) and widened by :data:`_NEAR_RASTER_MARGIN` plus each footprint's
+    own diagonal, so that a footprint whose bounds in the raster CRS meet the
+    raster is always kept. Where a reprojection fails, every footprint is kept.
+
+    Parameters
+    ----------
+    geometry : GeoSeries
+        Footprints with a CRS.
+    files : DataFrame
+        Rows of :func:`raster_index` sharing ``crs``.
+    crs : str
+        The rasters' CRS (WKT).
+
+    Returns
+    -------
+    ndarray of bool
+        Per footprint: may overlap a raster.
+    """
+    from pyproj import Transformer
+
+    n = len(geometry)
+    if geometry.crs is None:
+        return np.ones(n, dtype=bool)
+    b = shapely.bounds(np.asarray(geometry.array, dtype=object))
+    pad = np.hypot(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) + _NEAR_RASTER_MARGIN
+    near = np.zeros(n, dtype=bool)
+    try:
+        to_geom = Transformer.from_crs(crs, geometry.crs, always_xy=True)
+        for f in files.itertuples(index=False):
+            left, bottom, right, top = to_geom.transform_bounds(
+                f.left, f.bottom, f.right, f.top, densify_pts=21)
+            if not np.all(np.isfinite([left, bottom, right, top])):
+                return np.ones(n, dtype=bool)
+            near |= ((b[:, 0] - pad < right) & (b[:, 2] + pad > left)
+                     & (b[:, 1] - pad < top) & (b[:, 3] + pad > bottom))
+    except Exception:  # noqa: BLE001 - any reprojection trouble: keep all, as before
+        return np.ones(n, dtype=bool)
+    return near | ~np.isfinite(pad)
 
 
 _BURN_LOCK = threading.Lock()

@@ -66,6 +66,7 @@ unsuitable_reason        -       why not
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -82,7 +83,17 @@ log = logging.getLogger(__name__)
 
 #: Solar-time steps sampled in the no-shading window (every 15 min for 09-15 h).
 ROW_RULE_STEPS = 25
+#: Rows per block in :func:`solstice_row_gcr`.
+_GCR_BLOCK = 4096
 _MITRE = {"join_style": "mitre", "mitre_limit": 5.0}
+#: Largest turn [deg] at a vertex for which the closed form of
+#: :func:`inset_areas` may stand for a mitred offset: GEOS mitres a corner
+#: only while the mitre stays within ``mitre_limit`` x the distance, i.e. up
+#: to a turn of 2 acos(1 / 5) = 156.9 deg; a margin is kept.
+_MITRE_SAFE_TURN_DEG = 150.0
+#: Rings with reflex corners and more vertices than this take the GEOS buffers
+#: (the self-crossing test of :func:`inset_areas` is quadratic in the vertices).
+_MAX_REFLEX_RING_VERTICES = 32
 
 
 def setback_area(geometry: gpd.GeoSeries, setback_m: np.ndarray | float) -> np.ndarray:
@@ -159,19 +170,31 @@ def solstice_row_gcr(latitude_deg: np.ndarray | float, tilt_deg: np.ndarray | fl
         GCR [-]; 1 at tilt 0; NaN where the sun is below the horizon at some
         time of the window.
     """
-    lat = np.radians(np.atleast_1d(np.asarray(latitude_deg, dtype=float)))[:, None]
+    lat_all = np.atleast_1d(np.asarray(latitude_deg, dtype=float))
+    if len(lat_all) > _GCR_BLOCK:  # blocks of rows: the (rows, steps) temporaries stay small
+        tilt_all = np.broadcast_to(np.asarray(tilt_deg, dtype=float), lat_all.shape)
+        return np.concatenate([solstice_row_gcr(
+            lat_all[k:k + _GCR_BLOCK], tilt_all[k:k + _GCR_BLOCK], row_azimuth_deg,
+            declination_deg, start_solar_h, end_solar_h)
+            for k in range(0, len(lat_all), _GCR_BLOCK)])
+    lat = np.radians(lat_all)[:, None]
     tilt = np.radians(np.asarray(tilt_deg, dtype=float))
     hours = np.linspace(start_solar_h, end_solar_h, ROW_RULE_STEPS)[None, :]
     omega = np.radians(15.0 * (hours - 12.0))
     dec = np.radians(declination_deg)
-    sin_alt = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(omega)
-    az = np.degrees(np.arctan2(np.sin(omega), np.cos(omega) * np.sin(lat)
-                               - np.tan(dec) * np.cos(lat))) + 180.0
+    sin_lat, cos_lat = np.sin(lat), np.cos(lat)
+    sin_alt = sin_lat * np.sin(dec) + cos_lat * (np.cos(dec) * np.cos(omega))
+    # sun azimuth g = atan2(sy, sx) + 180 deg, so cos(g - row) = -(sx cos row + sy sin row) / |s|
+    sy = np.sin(omega)
+    sx = np.cos(omega) * sin_lat - np.tan(dec) * cos_lat
+    row = np.radians(row_azimuth_deg)
     with np.errstate(divide="ignore", invalid="ignore"):
+        cos_rel = -(sx * np.cos(row) + sy * np.sin(row)) / np.hypot(sx, sy)
         tan_alt = sin_alt / np.sqrt(1.0 - sin_alt ** 2)
-        reach = np.maximum(np.cos(np.radians(az - row_azimuth_deg)), 0.0) / tan_alt
+        reach = np.maximum(cos_rel, 0.0) / tan_alt
     reach = np.where(sin_alt > 0, reach, np.inf).max(axis=1)
-    gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
+    with np.errstate(invalid="ignore"):  # 0 tilt x inf reach: replaced by 1 below
+        gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
     gcr = np.where(np.isinf(reach) & (np.broadcast_to(tilt, reach.shape) > 0), np.nan, gcr)
     return np.where(np.broadcast_to(tilt, reach.shape) == 0, 1.0, gcr)
 
@@ -237,6 +260,212 @@ def _opened_area(geoms: np.ndarray, setback_m: np.ndarray, width_m: float) -> np
     if width_m > 0:
         inner = shapely.buffer(inner, width_m / 2.0, **_MITRE)
     return np.asarray(shapely.area(inner), dtype=float)
+
+
+def _segments_cross(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray,
+                    cx: np.ndarray, cy: np.ndarray, dx: np.ndarray, dy: np.ndarray
+                    ) -> np.ndarray:
+    """Segments a-b and c-d intersect or touch (collinear pairs count as touching)."""
+    o1 = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+    o2 = (bx - ax) * (dy - ay) - (by - ay) * (dx - ax)
+    o3 = (dx - cx) * (ay - cy) - (dy - cy) * (ax - cx)
+    o4 = (dx - cx) * (by - cy) - (dy - cy) * (bx - cx)
+    return (o1 * o2 <= 0) & (o3 * o4 <= 0)
+
+
+def _rings_simple(x: np.ndarray, y: np.ndarray, start: np.ndarray, m: np.ndarray
+                  ) -> np.ndarray:
+    """Whether each ring (vertices ``start .. start + m - 1``, not closed) is simple.
+
+    Every pair of non-adjacent edges is tested, rings grouped by vertex count.
+    """
+    simple = np.ones(len(start), dtype=bool)
+    for k in np.unique(m):
+        if k <= 3:
+            continue
+        a, b = np.triu_indices(int(k), 2)
+        sel = ~((a == 0) & (b == k - 1))
+        a, b = a[sel], b[sel]
+        rings = np.flatnonzero(m == k)
+        step = max(1, 2_000_000 // len(a))
+        for lo in range(0, len(rings), step):
+            r = rings[lo:lo + step]
+            v = start[r][:, None] + np.arange(k)[None, :]
+            px, py = x[v], y[v]
+            qx, qy = np.roll(px, -1, axis=1), np.roll(py, -1, axis=1)
+            hit = _segments_cross(px[:, a], py[:, a], qx[:, a], qy[:, a],
+                                  px[:, b], py[:, b], qx[:, b], qy[:, b])
+            simple[r] = ~hit.any(axis=1)
+    return simple
+
+
+def inset_areas(geoms: np.ndarray, setback_m: np.ndarray, width_m: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area inside a mitred setback and its opening, in closed form where that is exact.
+
+    Moving every edge of a polygon inward by ``d`` (mitred corners) gives,
+    while no edge vanishes and the moved ring does not cross itself, the
+    area ``A - P d + d^2 sum(tan(t_i / 2))`` (``A`` area, ``P`` perimeter,
+    ``t_i`` the signed turn at vertex ``i``, positive at convex corners).
+    That is what ``shapely.buffer(g, -d, join_style="mitre",
+    mitre_limit=5)`` computes, up to float noise, where GEOS does nothing
+    else, and the closed form is used only where that is certain:
+
+    - a polygon without holes whose turns sum to 360 deg, each turn above
+      0.01 rad in size (GEOS joins nearly straight corners differently);
+    - no vertex within 2% of the erosion distance ``e = d + w / 2`` of the
+      chord of its neighbours (GEOS simplifies buffer input within 1%);
+    - no reflex turn sharper than :data:`_MITRE_SAFE_TURN_DEG` (mitre
+      limit of the inward offset), and with ``w > 0`` no convex one either
+      (mitre limit of the dilation);
+    - every edge keeps a length above 1% of ``e`` at ``e``;
+    - rings with a reflex corner: at most
+      :data:`_MAX_REFLEX_RING_VERTICES` vertices, the moved rings at ``d``
+      and ``e`` are simple (no two non-adjacent edges meet), and the moved
+      ring at ``e`` has no reflex corner within 2% of ``w / 2`` of its
+      neighbours' chord.
+
+    The footprints must be valid (ingest repairs invalid ones; overlay
+    results such as the roof planes are valid).
+
+    The opening of :func:`_opened_area` (shrink by ``e``, dilate by
+    ``w / 2``) then moves the same edges back out to ``d``: its area is that
+    of the setback.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints or planes in a metric CRS [m].
+    setback_m : ndarray
+        Edge setback ``d`` [m], >= 0.
+    width_m : float
+        Minimum array width ``w`` [m], >= 0.
+
+    Returns
+    -------
+    inside, opened : ndarray
+        Area inside the setback and its opened area [m2]; NaN where not exact.
+    exact : ndarray of bool
+        The closed form applies.
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    n = len(geoms)
+    setback_m = np.broadcast_to(np.asarray(setback_m, dtype=float), (n,))
+    r = width_m / 2.0
+    inside = np.full(n, np.nan)
+    exact = np.zeros(n, dtype=bool)
+    cand = ((shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0)
+            & (shapely.get_num_coordinates(geoms) >= 4) & (setback_m >= 0) & (r >= 0))
+    pos = np.flatnonzero(cand)
+    if len(pos) == 0:
+        return inside, inside.copy(), exact
+    xy, idx = shapely.get_coordinates(geoms[pos], return_index=True)
+    counts = np.bincount(idx, minlength=len(pos))
+    ends = np.cumsum(counts)
+    m = counts - 1  # vertices without the closing one
+    keep = np.ones(len(xy), dtype=bool)
+    keep[ends - 1] = False
+    # coordinates relative to each ring's first vertex: no cancellation at 1e6 m
+    x = xy[keep, 0] - np.repeat(xy[ends - counts, 0], m)
+    y = xy[keep, 1] - np.repeat(xy[ends - counts, 1], m)
+    idx = idx[keep]
+    vend = np.cumsum(m)
+    vstart = vend - m
+    nxt = np.arange(1, len(x) + 1)
+    nxt[vend - 1] = vstart
+    prv = np.arange(-1, len(x) - 1)
+    prv[vstart] = vend - 1
+    ex, ey = x[nxt] - x, y[nxt] - y  # edge i: vertex i -> i + 1
+    ix, iy = ex[prv], ey[prv]  # edge into vertex i
+    twice_area = np.bincount(idx, x * y[nxt] - x[nxt] * y, minlength=len(pos))
+    sign = np.where(twice_area < 0, -1.0, 1.0)[idx]  # interior on the left, turns signed
+    cross = sign * (ix * ey - iy * ex)
+    dot = ix * ex + iy * ey
+    length = np.hypot(ex, ey)
+    turn = np.arctan2(cross, dot)
+    d = setback_m[pos]
+    e = d + r
+    ev = e[idx]
+    limit = np.radians(_MITRE_SAFE_TURN_DEG)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        half_tan = cross / (length[prv] * length + dot)  # tan(turn / 2)
+        cx, cy = x[nxt] - x[prv], y[nxt] - y[prv]
+        dev = np.abs(cx * (y - y[prv]) - cy * (x - x[prv])) / np.hypot(cx, cy)
+        bad = ((np.abs(turn) <= 0.01) | ~(dev >= 0.02 * ev) | (turn < -limit)
+               | ~(length - ev * (half_tan + half_tan[nxt]) > 0.01 * ev))
+    if r > 0:
+        bad |= turn > limit
+    ok = (np.bincount(idx, bad, minlength=len(pos)) == 0) & (m >= 3)
+    ok &= np.abs(np.bincount(idx, turn, minlength=len(pos)) - 2.0 * np.pi) < 1e-6
+    perimeter = np.bincount(idx, length, minlength=len(pos))
+    tan_sum = np.bincount(idx, half_tan, minlength=len(pos))
+    area0 = np.abs(twice_area) / 2.0
+    area_d = area0 - perimeter * d + tan_sum * d ** 2
+    area_e = area0 - perimeter * e + tan_sum * e ** 2
+    ok &= (area_d > 0) & (area_e > 0)
+    reflex = ok & (np.bincount(idx, turn < 0, minlength=len(pos)) > 0)
+    ok &= ~reflex | (m <= _MAX_REFLEX_RING_VERTICES)  # the pair test grows with m^2
+    reflex &= ok
+    if reflex.any():
+        # rings with reflex corners: the moved rings must stay simple (no collisions)
+        rv = reflex[idx]
+        sub = np.flatnonzero(reflex)
+        sub_m = m[sub]
+        sub_start = np.cumsum(sub_m) - sub_m
+        # inward unit normals of the edges, and the mitre point of each corner at distance 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nx, ny = -sign * ey / length, sign * ex / length
+            cos_t = dot / (length[prv] * length)
+            mx, my = (nx[prv] + nx) / (1.0 + cos_t), (ny[prv] + ny) / (1.0 + cos_t)
+        simple = np.ones(len(sub), dtype=bool)
+        for dist in (d, e):
+            dv = dist[idx][rv]
+            simple &= _rings_simple(x[rv] + dv * mx[rv], y[rv] + dv * my[rv], sub_start, sub_m)
+        if r > 0:
+            # GEOS simplifies the dilation's input (the ring moved to e) at its reflex corners
+            qx, qy = x + ev * mx, y + ev * my
+            with np.errstate(divide="ignore", invalid="ignore"):
+                qcx, qcy = qx[nxt] - qx[prv], qy[nxt] - qy[prv]
+                qdev = (np.abs(qcx * (qy - qy[prv]) - qcy * (qx - qx[prv]))
+                        / np.hypot(qcx, qcy))
+            shallow = rv & (turn < 0) & ~(qdev >= 0.02 * r)
+            simple &= np.bincount(idx, shallow, minlength=len(pos))[sub] == 0
+        ok[sub[~simple]] = False
+    inside[pos[ok]] = area_d[ok]
+    exact[pos[ok]] = True
+    return inside, inside.copy(), exact
+
+
+def setback_and_opened_area(geoms: np.ndarray, setback_m: np.ndarray, width_m: float
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Area inside the setback, and the part of it a ``width_m`` wide strip can reach.
+
+    The second is the morphological opening of :func:`_opened_area`. Where
+    :func:`inset_areas` is exact (equal to the GEOS buffers up to float
+    noise) its closed form is used, elsewhere the buffers.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints or roof planes in a metric CRS [m].
+    setback_m : ndarray
+        Edge setback [m].
+    width_m : float
+        Minimum array width [m].
+
+    Returns
+    -------
+    inside, opened : ndarray, ndarray
+        Area inside the setback [m2] and its opened area [m2].
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    setback_m = np.broadcast_to(np.asarray(setback_m, dtype=float), (len(geoms),))
+    inside, opened, exact = inset_areas(geoms, setback_m, width_m)
+    slow = ~exact
+    if slow.any():
+        inside[slow] = shapely.area(shapely.buffer(geoms[slow], -setback_m[slow], **_MITRE))
+        opened[slow] = _opened_area(geoms[slow], setback_m[slow], width_m)
+    return inside, opened
 
 
 def band_lookup(values: np.ndarray, bands: dict[float, float]) -> np.ndarray:
@@ -305,12 +534,27 @@ def roof_kind(buildings: pd.DataFrame, cfg: RoofConfig) -> tuple[np.ndarray, np.
     return kind, source
 
 
+_TRANSFORMERS = threading.local()
+
+
 def _latitude(geometry: gpd.GeoSeries) -> np.ndarray:
-    """Latitude of the footprint centroids [deg]."""
+    """Latitude of the footprint centroids [deg].
+
+    The centroids go through pyproj directly (the transformer that
+    ``GeoSeries.to_crs`` builds, cached per thread: pyproj transformers are
+    not shared between threads), without building point geometries.
+    """
     if len(geometry) == 0:
         return np.zeros(0)
-    cent = gpd.GeoSeries(shapely.centroid(geometry.array), crs=geometry.crs)
-    return cent.to_crs("EPSG:4326").y.to_numpy()
+    from pyproj import Transformer
+
+    cent = shapely.centroid(np.asarray(geometry.array, dtype=object))
+    cache = _TRANSFORMERS.__dict__.setdefault("to_wgs84", {})
+    key = geometry.crs.to_wkt()
+    if key not in cache:
+        cache[key] = Transformer.from_crs(geometry.crs, "EPSG:4326", always_xy=True)
+    _, lat = cache[key].transform(shapely.get_x(cent), shapely.get_y(cent))
+    return np.asarray(lat, dtype=float)
 
 
 def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfig
@@ -355,8 +599,7 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     area_in = np.zeros(n)
     opened = np.zeros(n)
     if flat.any():
-        area_in[flat] = shapely.area(shapely.buffer(geoms[flat], -setback[flat], **_MITRE))
-        opened[flat] = _opened_area(geoms[flat], setback[flat], width)
+        area_in[flat], opened[flat] = setback_and_opened_area(geoms[flat], setback[flat], width)
     usable_1 = np.where(flat, opened * util, 0.0)
     az_1 = np.full(n, roof.flat_azimuth_deg)
     az_2 = np.full(n, np.nan)
@@ -379,8 +622,7 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
         s = setback[pit]
         planes = []
         for plane, az in ((pa, aza), (pb, azb)):
-            inside = np.asarray(shapely.area(shapely.buffer(plane, -s, **_MITRE)), dtype=float)
-            op = _opened_area(plane, s, width)
+            inside, op = setback_and_opened_area(plane, s, width)
             use = op / cos_t * util[pit]
             north = angle_between(az, 0.0) < roof.pitched_min_azimuth_from_north_deg
             ok = ~north & (use >= min_area)

@@ -28,7 +28,8 @@ Method
     once by the driver from all buildings and broadcast, so neighbours in
     other partitions count). For each roof, seen from its centroid at roof
     height, the neighbours within ``radius_m`` that are at least
-    ``min_height_difference_m`` taller are found with an STRtree; each one
+    ``min_height_difference_m`` taller are found by their envelopes
+    (:func:`envelope_pairs`, sorted strips, no geometry built); each one
     raises the horizon to ``atan(dh / d)`` (``d``: distance to its rectangle)
     over the azimuth sectors (``horizon_sector_deg`` wide) that its
     rectangle spans. Using the nearest distance for the whole span is
@@ -61,7 +62,10 @@ Method
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -275,6 +279,83 @@ def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
     return out
 
 
+@dataclass(frozen=True)
+class ObstacleIndex:
+    """A neighbour table as arrays sorted by the west edge of the rectangle envelopes.
+
+    Attributes
+    ----------
+    lo_x, lo_y, hi_x, hi_y : ndarray
+        Envelope bounds [m], ``lo_x`` ascending (NaN rows last).
+    max_width_m : float
+        Widest envelope [m] (0 if none).
+    corners : ndarray
+        Shape (n, 4, 2): rectangle corners [m].
+    x, y, height_m : ndarray
+        Centroids and heights [m].
+    building_id : ndarray
+        Ids.
+    """
+
+    lo_x: np.ndarray
+    lo_y: np.ndarray
+    hi_x: np.ndarray
+    hi_y: np.ndarray
+    max_width_m: float
+    corners: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    height_m: np.ndarray
+    building_id: np.ndarray
+
+
+_OBSTACLE_INDEX: dict[int, ObstacleIndex] = {}
+_OBSTACLE_LOCK = threading.Lock()
+
+
+def obstacle_index(neighbours: pd.DataFrame) -> ObstacleIndex:
+    """The :class:`ObstacleIndex` of a neighbour table, built once per table object.
+
+    The table is broadcast to every partition; converting and sorting it in
+    each would cost O(buildings) per partition, so O(buildings^2 /
+    partition size) for the stage. The index is cached for the lifetime of
+    the table object (threads share it; each worker process builds its own).
+
+    Parameters
+    ----------
+    neighbours : DataFrame
+        :func:`neighbour_table` rows (all buildings, or a subset).
+
+    Returns
+    -------
+    ObstacleIndex
+        The arrays.
+    """
+    key = id(neighbours)
+    with _OBSTACLE_LOCK:
+        hit = _OBSTACLE_INDEX.get(key)
+        if hit is not None and len(hit.x) == len(neighbours):
+            return hit
+        c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy(
+            dtype=float).reshape(-1, 4, 2)
+        lo_x = c[:, :, 0].min(axis=1)
+        order = np.argsort(lo_x, kind="stable")  # NaN last
+        c = c[order]
+        lo_x = lo_x[order]
+        hi_x = c[:, :, 0].max(axis=1)
+        width = hi_x - lo_x
+        index = ObstacleIndex(
+            lo_x=lo_x, lo_y=c[:, :, 1].min(axis=1), hi_x=hi_x, hi_y=c[:, :, 1].max(axis=1),
+            max_width_m=float(np.nanmax(width)) if np.isfinite(width).any() else 0.0,
+            corners=c, x=neighbours["x"].to_numpy(dtype=float)[order],
+            y=neighbours["y"].to_numpy(dtype=float)[order],
+            height_m=neighbours["height_m"].to_numpy(dtype=float)[order],
+            building_id=neighbours["building_id"].to_numpy()[order])
+        _OBSTACLE_INDEX[key] = index
+        weakref.finalize(neighbours, _OBSTACLE_INDEX.pop, key, None)
+        return index
+
+
 def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
                              ) -> np.ndarray:
     """Distance from points to convex quadrilaterals (0 inside).
@@ -291,16 +372,86 @@ def point_rectangle_distance(px: np.ndarray, py: np.ndarray, corners: np.ndarray
     ndarray
         Distance [m].
     """
-    a = corners
-    ab = np.roll(corners, -1, axis=1) - a
-    ap = np.stack([px, py], axis=-1)[:, None, :] - a
-    len2 = (ab ** 2).sum(axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
-    dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
-    cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
-    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+    # edge by edge on 1-d arrays (the same arithmetic as on (m, 4, 2) arrays, less memory)
+    dist = np.full(len(px), np.inf)
+    pos = np.ones(len(px), dtype=bool)
+    neg = np.ones(len(px), dtype=bool)
+    for k in range(4):
+        ax, ay = corners[:, k, 0], corners[:, k, 1]
+        abx = corners[:, (k + 1) % 4, 0] - ax
+        aby = corners[:, (k + 1) % 4, 1] - ay
+        apx, apy = px - ax, py - ay
+        len2 = abx ** 2 + aby ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.clip(np.where(len2 > 0, (apx * abx + apy * aby) / len2, 0.0), 0.0, 1.0)
+        np.minimum(dist, np.hypot(apx - t * abx, apy - t * aby), out=dist)
+        cross = abx * apy - aby * apx
+        pos &= cross >= 0
+        neg &= cross <= 0
+    inside = pos | neg
     return np.where(inside, 0.0, dist)
+
+
+def envelope_pairs(x: np.ndarray, y: np.ndarray, half_side_m: float, lo_x: np.ndarray,
+                   lo_y: np.ndarray, hi_x: np.ndarray, hi_y: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (point, box) where the square around the point meets the box.
+
+    The same pairs as ``shapely.STRtree(boxes).query(squares)`` (envelopes
+    that intersect, edges included), found without building geometries: the
+    points are sorted into vertical strips ``half_side_m`` wide and by ``y``
+    within a strip; each box takes, in every strip its widened extent
+    covers, the run of points in its widened ``y`` range (two binary
+    searches), and the candidates are then tested exactly. Numpy only.
+
+    Parameters
+    ----------
+    x, y : ndarray
+        Points [m] (NaN: none).
+    half_side_m : float
+        Half the side of the square around each point [m].
+    lo_x, lo_y, hi_x, hi_y : ndarray
+        Box bounds [m] (NaN: none).
+
+    Returns
+    -------
+    i, j : ndarray of int64
+        Positions of the points and of the boxes.
+    """
+    r = float(half_side_m)
+    pts = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    boxes = np.flatnonzero(np.isfinite(lo_x) & np.isfinite(lo_y) & np.isfinite(hi_x)
+                           & np.isfinite(hi_y))
+    empty = np.zeros(0, dtype=np.int64)
+    if len(pts) == 0 or len(boxes) == 0:
+        return empty, empty
+    px, py = x[pts], y[pts]
+    ox, oy = px.min(), py.min()
+    width = max(r, 1.0, (px.max() - ox) / 4096.0)  # at most 4097 strips
+    strip = np.floor((px - ox) / width)
+    n_strips = int(strip.max()) + 1
+    span = py.max() - oy + 1.0  # strip k holds keys [k span, k span + span)
+    key = strip * span + (py - oy)
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    slack = r + 1.0  # 1 m beyond the exact test against rounding
+    s0 = np.clip(np.floor((lo_x[boxes] - slack - ox) / width), 0, n_strips)
+    s1 = np.clip(np.floor((hi_x[boxes] + slack - ox) / width), -1, n_strips - 1)
+    count = np.maximum(s1 - s0 + 1, 0).astype(np.int64)
+    rep = np.repeat(np.arange(len(boxes)), count)
+    k = s0[rep] + (np.arange(len(rep)) - np.repeat(np.cumsum(count) - count, count))
+    y_lo = np.clip(lo_y[boxes][rep] - slack - oy, 0.0, span - 1.0)
+    y_hi = np.clip(hi_y[boxes][rep] + slack - oy, -0.5, span - 0.5)
+    first = np.searchsorted(skey, k * span + y_lo, side="left")
+    n_in = np.maximum(np.searchsorted(skey, k * span + y_hi, side="right") - first, 0)
+    rep2 = np.repeat(np.arange(len(rep)), n_in)
+    i = pts[order[np.repeat(first, n_in) + np.arange(len(rep2))
+                  - np.repeat(np.cumsum(n_in) - n_in, n_in)]]
+    j = boxes[rep[rep2]]
+    # the exact test of the tree query: box and square envelopes intersect
+    hit = ((lo_x[j] <= x[i] + r) & (hi_x[j] >= x[i] - r)
+           & (lo_y[j] <= y[i] + r) & (hi_y[j] >= y[i] - r))
+    return i[hit].astype(np.int64), j[hit].astype(np.int64)
 
 
 def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.ndarray,
@@ -331,25 +482,31 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
     if len(x) == 0 or neighbours.empty:
         return horizon
     r = cfg.radius_m
-    nb = neighbours
-    near = ((nb["x"] > np.nanmin(x) - r - 1e3) & (nb["x"] < np.nanmax(x) + r + 1e3)
-            & (nb["y"] > np.nanmin(y) - r - 1e3) & (nb["y"] < np.nanmax(y) + r + 1e3)
-            & (nb["height_m"] >= np.nanmin(height_m) + cfg.min_height_difference_m))
-    nb = nb[near.to_numpy()]
-    if nb.empty:
+    ob = obstacle_index(neighbours)
+    # only rectangles whose envelope meets the roofs' query squares can be found below:
+    # a slice of the table sorted by envelope west edge, then the exact test
+    x0, x1 = np.nanmin(x) - r, np.nanmax(x) + r
+    a = int(np.searchsorted(ob.lo_x, x0 - ob.max_width_m, side="left"))
+    b = int(np.searchsorted(ob.lo_x, x1, side="right"))
+    lo_x, hi_x, lo_y, hi_y = ob.lo_x[a:b], ob.hi_x[a:b], ob.lo_y[a:b], ob.hi_y[a:b]
+    nb_h = ob.height_m[a:b]
+    near = a + np.flatnonzero((hi_x >= x0) & (lo_x <= x1)
+                              & (hi_y >= np.nanmin(y) - r) & (lo_y <= np.nanmax(y) + r)
+                              & (nb_h >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    if len(near) == 0:
         return horizon
-    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
-    rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
+    lo_x, hi_x, lo_y, hi_y = ob.lo_x[near], ob.hi_x[near], ob.lo_y[near], ob.hi_y[near]
+    c, nb_h, nb_id = ob.corners[near], ob.height_m[near], ob.building_id[near]
+    nb_x, nb_y = ob.x[near], ob.y[near]
     # envelope query (cheap), the exact distance filter follows on the taller pairs only
-    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
-    nb_h = nb["height_m"].to_numpy(dtype=float)
+    i, j = envelope_pairs(x, y, r, lo_x, lo_y, hi_x, hi_y)
     dh = nb_h[j] - height_m[i]
-    keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
+    keep = (dh >= cfg.min_height_difference_m) & (nb_id[j] != ids[i])
     i, j, dh = i[keep], j[keep], dh[keep]
     if len(i) == 0:
         return horizon
     d = point_rectangle_distance(x[i], y[i], c[j])
-    nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
+    nx, ny = nb_x[j], nb_y[j]
     inside = d <= 1e-9
     within = d <= r
     d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
@@ -403,15 +560,24 @@ def unshaded_share(horizon: np.ndarray, tilt_deg: np.ndarray, azimuth_deg: np.nd
         raise ValueError("unshaded_share: an orientation class is missing from the table")
     if not has.any():
         return share, beam_loss
-    h = np.clip(horizon[has], 0.0, 90.0) / ELEVATION_STEP_DEG
-    j0 = np.floor(h).astype(int)
-    frac = h - j0
-    p = pos[has][:, None]
-    k = np.arange(horizon.shape[1])[None, :]
-    cum = table.cum_beam
-    blocked = (cum[p, k, j0] + frac * (cum[p, k, j0 + 1] - cum[p, k, j0])).sum(axis=1)
+    # only roofs with some horizon lose anything: elsewhere blocked beam and sky loss are 0
+    hz = horizon[has]
+    open_sky = ~(hz > 0).any(axis=1)
+    blocked = np.zeros(len(hz))
+    sky_loss = np.zeros(len(hz))
+    if not open_sky.all():
+        hz = np.clip(hz[~open_sky], 0.0, 90.0)
+        h = hz / ELEVATION_STEP_DEG
+        j0 = np.floor(h).astype(np.int64)
+        frac = h - j0
+        n_sec, n_el = table.cum_beam.shape[1:]
+        flat = (pos[has][~open_sky][:, None] * n_sec
+                + np.arange(horizon.shape[1])[None, :]) * n_el + j0
+        cum = table.cum_beam.reshape(-1)
+        c0 = cum[flat]
+        blocked[~open_sky] = (c0 + frac * (cum[flat + 1] - c0)).sum(axis=1)
+        sky_loss[~open_sky] = np.mean(np.sin(np.radians(hz)) ** 2, axis=1)
     b, d, g = table.beam[pos[has]], table.sky[pos[has]], table.ground[pos[has]]
-    sky_loss = np.mean(np.sin(np.radians(np.clip(horizon[has], 0, 90))) ** 2, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         bl = np.where(b > 0, blocked / b, 0.0)
         total = b + d + g
@@ -577,14 +743,21 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     src = d / "roof_buildings.parquet"
     before = read_columns(src, ["tilt_deg", "azimuth_deg", "azimuth_2_deg", "suitable",
                                 "capacity_kwp"])
-    weather = read_weather(cfg.weather, base_dir)
     step = cfg.yield_.orientation_step_deg
     classes = orientation_classes(plane_orientations(before), step)
-    table = horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
-    # the compact obstacle table of all buildings, built partition by partition
-    neighbours = pd.concat(list(map_tasks(
-        _neighbour_partition, [(str(src), p) for p in partitions(src)],
-        label="shading obstacles")), ignore_index=True)
+
+    def class_table() -> HorizonTable:
+        weather = read_weather(cfg.weather, base_dir)
+        return horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
+
+    # the weather and class tables (a fixed cost) are read while the workers build the
+    # compact obstacle table of all buildings, partition by partition
+    with ThreadPoolExecutor(1) as pool:
+        table_job = pool.submit(class_table)
+        neighbours = pd.concat(list(map_tasks(
+            _neighbour_partition, [(str(src), p) for p in partitions(src)],
+            label="shading obstacles")), ignore_index=True)
+        table = table_job.result()
     rows_in, rows_out, out = map_file(src, d / "shading_buildings.parquet", shading_kernel,
                                       neighbours, table, cfg.shading, label="shading",
                                       keep=("suitable", "capacity_kwp"))

@@ -137,3 +137,25 @@ def test_overlapping_footprints_are_burnt_in_separate_layers():
     # A and D only touch (no shared area): same layer; B overlaps both: its own layer
     assert [x.tolist() for x in layers] == [[0, 2, 3], [1]]
     assert [x.tolist() for x in _overlap_free_layers(geoms[[0, 2]])] == [[0, 1]]
+
+
+def test_only_footprints_near_a_raster_are_reprojected(tile, tmp_path, monkeypatch):
+    """The prefilter keeps every footprint the raster can reach: same heights as without it."""
+    import pipeline.heights as heights
+
+    path, left, top = tile
+    c = cfg(path)
+    index = raster_index(c, tmp_path)
+    geoms = [box(left + 15, top - 35, left + 35, top - 15),  # inside the 30 m patch
+             box(left - 5, top - 30, left + 20, top - 20),  # across the raster's west edge
+             box(left + 62, top - 38, left + 88, top - 12),
+             box(left + 5_000, top - 40, left + 5_030, top - 10)]  # 5 km away
+    g = frame(geoms)
+    near = heights._near_rasters(g.geometry, index, index.crs.iloc[0])
+    assert near.tolist() == [True, True, True, False]
+    fast = heights.raster_heights(g.geometry, index)
+    monkeypatch.setattr(heights, "_near_rasters", lambda geometry, *a: np.ones(len(geometry), bool))
+    slow = heights.raster_heights(g.geometry, index)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(fast[0][:3]).all() and np.isnan(fast[0][3])

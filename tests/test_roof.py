@@ -5,16 +5,21 @@ from __future__ import annotations
 import geopandas as gpd
 import numpy as np
 import pytest
+import shapely
 import yaml
 from shapely import affinity
 from shapely.geometry import box
 
 from pipeline.config import PolicyConfig, RoofConfig
 from pipeline.roof import (
+    _latitude,
+    _opened_area,
     band_lookup,
     capacity_kwp,
+    inset_areas,
     ridge_planes,
     roof_potential,
+    setback_and_opened_area,
     setback_area,
     solstice_row_gcr,
 )
@@ -158,3 +163,134 @@ def test_default_config_roof_section_validates(root):
     raw = yaml.safe_load((root / "configs/shanghai.yaml").read_text(encoding="utf-8"))
     RoofConfig(**raw["roof"])
     PolicyConfig(**raw["policy"])
+
+
+# --- fast paths against the exact (slow) paths ---------------------------------------------
+
+def _geos_inside_opened(geoms, setback, width):
+    """The GEOS path: a mitred inward buffer, and the opening of :func:`_opened_area`."""
+    setback = np.broadcast_to(np.asarray(setback, dtype=float), (len(geoms),))
+    inside = shapely.area(shapely.buffer(geoms, -setback, join_style="mitre", mitre_limit=5.0))
+    return inside, _opened_area(geoms, setback, width)
+
+
+X0, Y0 = 350_000.0, 3_452_000.0  # working-CRS magnitudes: the closed form must not cancel
+
+
+def _hand_made():
+    sq = box(0, 0, 40, 25)
+    shallow = shapely.Polygon([(0, 0), (20, 0.001), (40, 0), (40, 25), (0, 25)])
+    geoms = {
+        "rectangle": sq,
+        "rotated rectangle": affinity.rotate(sq, 33, origin=(0, 0)),
+        "convex quadrilateral": shapely.Polygon([(0, 0), (40, 3), (35, 25), (2, 20)]),
+        "clockwise pentagon": shapely.Polygon([(0, 0), (0, 20), (15, 30), (30, 20), (30, 0)]),
+        "triangle": shapely.Polygon([(0, 0), (30, 0), (10, 25)]),
+        "sliver (mitre limit)": shapely.Polygon([(0, 0), (60, 0), (60, 8)]),
+        "shallow vertex": shallow,
+        "L-shape": shapely.Polygon([(0, 0), (30, 0), (30, 10), (10, 10), (10, 30), (0, 30)]),
+        # two 20 m squares joined by a 3 m wide corridor: the moved ring collides in it
+        "dumbbell": shapely.Polygon([(0, 0), (20, 0), (20, 8.5), (40, 8.5), (40, 0), (60, 0),
+                                     (60, 20), (40, 20), (40, 11.5), (20, 11.5), (20, 20),
+                                     (0, 20)]),
+        "comb (many vertices)": shapely.Polygon(
+            [(0, 0), (60, 0), (60, 30)] + [(60 - 6 * k - dx, 30 - dy) for k in range(9)
+                                           for dx, dy in ((0, 0), (0, 10), (3, 10), (3, 0))]
+            + [(0, 30)]),
+        "hole": sq.difference(box(10, 10, 20, 15)),
+        "eroded completely": box(0, 0, 3, 3),
+        "small triangle": shapely.Polygon([(0, 0), (4, 0), (1, 3)]),
+        "multipolygon": shapely.MultiPolygon([box(0, 0, 10, 10), box(20, 0, 30, 10)]),
+        "empty": shapely.Polygon(),
+    }
+    names = list(geoms)
+    return names, np.array([affinity.translate(geoms[k], X0, Y0) for k in names], dtype=object)
+
+
+@pytest.mark.parametrize("width", [0.0, 1.8])
+@pytest.mark.parametrize("setback", [0.0, 0.5, 1.0, 2.5])
+def test_closed_form_setback_equals_geos_on_hand_made(setback, width):
+    names, geoms = _hand_made()
+    setback_m = np.full(len(geoms), setback)
+    _, _, exact = inset_areas(geoms, setback_m, width)
+    got = dict(zip(names, exact, strict=True))
+    assert all(got[k] for k in names[:5]), got  # convex: the closed form
+    assert got["L-shape"] or setback + width / 2 >= 2.5, got  # reflex corner, no collision
+    assert not any(got[k] for k in ("hole", "multipolygon", "empty", "comb (many vertices)"))
+    if setback + width / 2 > 1.5:
+        assert not got["dumbbell"]  # the corridor closes: GEOS decides
+    if setback + width > 0:
+        assert not got["shallow vertex"]  # GEOS would simplify it away: not ours to guess
+    if width > 0:
+        assert not got["sliver (mitre limit)"]  # GEOS bevels the dilation there
+    inside, opened = setback_and_opened_area(geoms, setback_m, width)
+    ref_inside, ref_opened = _geos_inside_opened(geoms, setback_m, width)
+    np.testing.assert_allclose(inside, ref_inside, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(opened, ref_opened, rtol=1e-9, atol=1e-6)
+
+
+def test_closed_form_setback_equals_geos_on_sample_footprints(sample):
+    from bench.generate import load_templates
+
+    rng = np.random.default_rng(3)
+    templates = load_templates(sample)[0]
+    geoms = np.array([affinity.translate(affinity.rotate(g, a, origin=(0, 0)), X0, Y0)
+                      for g, a in zip(templates, rng.uniform(0, 360, len(templates)),
+                                      strict=True)], dtype=object)
+    for setback, width in ((1.0, 1.8), (1.5, 1.8), (0.5, 0.0), (2.0, 3.0)):
+        s = rng.uniform(0.5, 1.5, len(geoms)) * setback
+        _, _, exact = inset_areas(geoms, s, width)
+        assert exact.mean() > 0.5  # the fast path is really taken
+        inside, opened = setback_and_opened_area(geoms, s, width)
+        ref_inside, ref_opened = _geos_inside_opened(geoms, s, width)
+        np.testing.assert_allclose(inside, ref_inside, rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(opened, ref_opened, rtol=1e-9, atol=1e-6)
+    # the pitched planes (halves of the footprints) too
+    pa, pb, _, _ = ridge_planes(gpd.GeoSeries(geoms[:300], crs="EPSG:32651"))
+    planes = np.concatenate([pa, pb])
+    inside, opened = setback_and_opened_area(planes, 0.5, 1.8)
+    ref_inside, ref_opened = _geos_inside_opened(planes, 0.5, 1.8)
+    np.testing.assert_allclose(inside, ref_inside, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(opened, ref_opened, rtol=1e-9, atol=1e-6)
+
+
+def _gcr_reference(latitude_deg, tilt_deg, row_azimuth_deg=180.0, declination_deg=-23.44,
+                   start_solar_h=9.0, end_solar_h=15.0):
+    """The row rule with the sun azimuth through arctan2 (the former implementation)."""
+    lat = np.radians(np.atleast_1d(np.asarray(latitude_deg, dtype=float)))[:, None]
+    tilt = np.radians(np.asarray(tilt_deg, dtype=float))
+    omega = np.radians(15.0 * (np.linspace(start_solar_h, end_solar_h, 25)[None, :] - 12.0))
+    dec = np.radians(declination_deg)
+    sin_alt = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(omega)
+    az = np.degrees(np.arctan2(np.sin(omega), np.cos(omega) * np.sin(lat)
+                               - np.tan(dec) * np.cos(lat))) + 180.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tan_alt = sin_alt / np.sqrt(1.0 - sin_alt ** 2)
+        reach = np.maximum(np.cos(np.radians(az - row_azimuth_deg)), 0.0) / tan_alt
+    reach = np.where(sin_alt > 0, reach, np.inf).max(axis=1)
+    with np.errstate(invalid="ignore"):
+        gcr = 1.0 / (np.cos(tilt) + np.sin(tilt) * reach)
+    gcr = np.where(np.isinf(reach) & (np.broadcast_to(tilt, reach.shape) > 0), np.nan, gcr)
+    return np.where(np.broadcast_to(tilt, reach.shape) == 0, 1.0, gcr)
+
+
+def test_solstice_gcr_equals_the_arctan2_form_in_blocks():
+    rng = np.random.default_rng(5)
+    lat = rng.uniform(-10, 75, 9000)  # more than one block; NaN above ~66 N
+    tilt = rng.uniform(0, 40, 9000)
+    tilt[:50] = 0.0
+    for row_az, start, end in ((180.0, 9.0, 15.0), (150.0, 8.0, 15.5)):
+        got = solstice_row_gcr(lat, tilt, row_az, -23.44, start, end)
+        ref = _gcr_reference(lat, tilt, row_az, -23.44, start, end)
+        assert np.isnan(got).sum() > 0
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(solstice_row_gcr(lat, 20.0), _gcr_reference(lat, 20.0),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_latitude_equals_to_crs():
+    g = gpd.GeoSeries([box(X0, Y0, X0 + 30, Y0 + 20), box(300_000, 3_500_000, 300_050, 3_500_010)],
+                      crs="EPSG:32651")
+    ref = gpd.GeoSeries(shapely.centroid(g.array), crs=g.crs).to_crs("EPSG:4326").y.to_numpy()
+    np.testing.assert_allclose(_latitude(g), ref, rtol=0, atol=1e-12)
+    assert len(_latitude(g.iloc[:0])) == 0

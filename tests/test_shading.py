@@ -13,6 +13,7 @@ from pipeline.planes import join_plane_yield, plane_rows
 from pipeline.pvyield import MONTH_COLUMNS, YieldConfig, orientation_classes
 from pipeline.shading import (
     ShadingConfig,
+    envelope_pairs,
     horizon_profile,
     horizon_table,
     neighbour_table,
@@ -143,3 +144,149 @@ def test_plane_yield_sums_the_planes_with_their_shading():
 def test_config_rejects_bad_sector():
     with pytest.raises(ValueError, match="divide 360"):
         ShadingConfig(horizon_sector_deg=7.0)
+
+
+# --- fast paths against the former (slow) implementations -----------------------------------
+
+def _horizon_reference(x, y, height_m, ids, nb, cfg):
+    """Former horizon_profile: rotated-rectangle polygons in the tree, centroid prefilter."""
+    import shapely
+
+    from pipeline.shading import point_rectangle_distance
+
+    n_sec = int(round(360.0 / cfg.horizon_sector_deg))
+    horizon = np.zeros((len(x), n_sec))
+    r = cfg.radius_m
+    near = ((nb["x"] > np.nanmin(x) - r - 1e3) & (nb["x"] < np.nanmax(x) + r + 1e3)
+            & (nb["y"] > np.nanmin(y) - r - 1e3) & (nb["y"] < np.nanmax(y) + r + 1e3)
+            & (nb["height_m"] >= np.nanmin(height_m) + cfg.min_height_difference_m))
+    nb = nb[near.to_numpy()]
+    c = nb[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy().reshape(-1, 4, 2)
+    rects = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
+    i, j = shapely.STRtree(rects).query(shapely.box(x - r, y - r, x + r, y + r))
+    dh = nb["height_m"].to_numpy(dtype=float)[j] - height_m[i]
+    keep = (dh >= cfg.min_height_difference_m) & (nb["building_id"].to_numpy()[j] != ids[i])
+    i, j, dh = i[keep], j[keep], dh[keep]
+    d = point_rectangle_distance(x[i], y[i], c[j])
+    nx, ny = nb["x"].to_numpy()[j], nb["y"].to_numpy()[j]
+    inside = d <= 1e-9
+    d = np.where(inside, np.hypot(nx - x[i], ny - y[i]), d)
+    ok = (d <= r) & (d > 1e-9)
+    i, dh, d, c_ij, inside, nx, ny = i[ok], dh[ok], d[ok], c[j[ok]], inside[ok], nx[ok], ny[ok]
+    elev = np.degrees(np.arctan2(dh, d))
+    az0 = np.degrees(np.arctan2(nx - x[i], ny - y[i]))
+    az_c = np.degrees(np.arctan2(c_ij[:, :, 0] - x[i, None], c_ij[:, :, 1] - y[i, None]))
+    rel = np.mod(az_c - az0[:, None] + 180.0, 360.0) - 180.0
+    lo = np.where(inside, 0.0, az0 + rel.min(axis=1))
+    hi = np.where(inside, 360.0 - 1e-9, az0 + rel.max(axis=1))
+    w = cfg.horizon_sector_deg
+    for k in range(len(i)):
+        first, last = int(np.floor(lo[k] / w)), int(np.floor(hi[k] / w))
+        for s in range(first, first + min(last - first + 1, n_sec)):
+            horizon[i[k], s % n_sec] = max(horizon[i[k], s % n_sec], elev[k])
+    return horizon
+
+
+def test_horizon_profile_equals_the_polygon_tree_on_a_dense_town():
+    from shapely import affinity
+
+    rng = np.random.default_rng(11)
+    n = 400
+    cx, cy = rng.uniform(0, 900, n), rng.uniform(0, 900, n)
+    geoms = [affinity.rotate(box(X0 + a - w, Y0 + b - d, X0 + a + w, Y0 + b + d), ang)
+             for a, b, w, d, ang in zip(cx, cy, rng.uniform(4, 30, n), rng.uniform(4, 15, n),
+                                        rng.uniform(0, 180, n), strict=True)]
+    b = gpd.GeoDataFrame({"building_id": [f"b{i}" for i in range(n)],
+                          "height_m": rng.choice([6.0, 12.0, 24.0, 60.0, 100.0], n)},
+                         geometry=geoms, crs="EPSG:32651")
+    nb = neighbour_table(b)
+    roofs_ = slice(0, 250)  # a partition: the others are neighbours only
+    x, y = nb["x"].to_numpy()[roofs_], nb["y"].to_numpy()[roofs_]
+    h, ids = nb["height_m"].to_numpy()[roofs_], nb["building_id"].to_numpy()[roofs_]
+    got = horizon_profile(x, y, h, ids, nb, CFG)
+    ref = _horizon_reference(x, y, h, ids, nb, CFG)
+    assert (got > 0).any(axis=1).mean() > 0.3
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unshaded_share_equals_the_full_gather(south_table):
+    from pipeline.shading import ELEVATION_STEP_DEG
+
+    rng = np.random.default_rng(2)
+    n = 300
+    horizon = np.where(rng.uniform(size=(n, 36)) < 0.2, rng.uniform(0, 60, (n, 36)), 0.0)
+    horizon[:120] = 0.0  # open sky
+    tilt = rng.choice([20.0, 25.0], n)
+    az = np.where(tilt == 20.0, 180.0, rng.choice([90.0, 270.0], n))
+    az[:5] = np.nan  # no plane
+    share, loss = unshaded_share(horizon, tilt, az, south_table)
+    # the former per-row gather over every roof
+    from pipeline.pvyield import _class_key
+
+    pos = pd.Index(south_table.keys).get_indexer(_class_key(tilt, az, south_table.step_deg))
+    has = pos >= 0
+    hh = np.clip(horizon[has], 0.0, 90.0) / ELEVATION_STEP_DEG
+    j0 = np.floor(hh).astype(int)
+    frac = hh - j0
+    p, k, cum = pos[has][:, None], np.arange(36)[None, :], south_table.cum_beam
+    blocked = (cum[p, k, j0] + frac * (cum[p, k, j0 + 1] - cum[p, k, j0])).sum(axis=1)
+    b, d, g = (south_table.beam[pos[has]], south_table.sky[pos[has]],
+               south_table.ground[pos[has]])
+    sky = np.mean(np.sin(np.radians(np.clip(horizon[has], 0, 90))) ** 2, axis=1)
+    np.testing.assert_array_equal(share[has], np.clip((b - blocked + d * (1 - sky) + g)
+                                                      / (b + d + g), 0, 1))
+    np.testing.assert_array_equal(loss[has], np.clip(blocked / b, 0, 1))
+    assert np.isnan(share[:5]).all() and (loss[5:120] == 0).all()
+    assert (share[120:][has[120:]] < 1).any()
+
+
+@pytest.mark.parametrize("r", [150.0, 10.0, 0.3])
+def test_envelope_pairs_equal_the_tree_query(r):
+    import shapely
+
+    rng = np.random.default_rng(int(r * 10))
+    n, m = 3000, 6000
+    x, y = rng.uniform(0, 5000, n), rng.uniform(0, 5000, n)
+    x[:5] = np.nan
+    cx, cy = rng.uniform(-300, 5300, m), rng.uniform(-300, 5300, m)
+    w, h = rng.exponential(15, m), rng.exponential(15, m)
+    w[:3] = 2500.0  # boxes across many strips
+    lo_x, hi_x, lo_y, hi_y = cx - w, cx + w, cy - h, cy + h
+    lo_x[-3:] = np.nan  # an empty footprint
+    # boxes touching a square exactly at its edge or corner count, as in the tree
+    lo_x[10], lo_y[10], hi_x[10], hi_y[10] = x[10] + r, y[10] - 1, x[10] + r + 5, y[10] + 1
+    lo_x[11], lo_y[11], hi_x[11], hi_y[11] = x[11] - r - 5, y[11] + r, x[11] - r, y[11] + r + 3
+    i, j = envelope_pairs(x, y, r, lo_x, lo_y, hi_x, hi_y)
+    tree = shapely.STRtree(shapely.box(lo_x, lo_y, hi_x, hi_y))
+    ti, tj = tree.query(shapely.box(x - r, y - r, x + r, y + r))
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert len(got) == len(i)  # no pair twice
+    assert got == set(zip(ti.tolist(), tj.tolist(), strict=True))
+    assert (10, 10) in got and (11, 11) in got
+
+
+def test_point_rectangle_distance_equals_the_array_form():
+    from pipeline.shading import point_rectangle_distance
+
+    def array_form(px, py, corners):  # the former (m, 4, 2) implementation
+        ab = np.roll(corners, -1, axis=1) - corners
+        ap = np.stack([px, py], axis=-1)[:, None, :] - corners
+        len2 = (ab ** 2).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.clip(np.where(len2 > 0, (ap * ab).sum(axis=2) / len2, 0.0), 0.0, 1.0)
+        dist = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
+        cross = ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]
+        inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+        return np.where(inside, 0.0, dist)
+
+    rng = np.random.default_rng(4)
+    m = 20_000
+    corners = rng.uniform(0, 100, (m, 4, 2)) + [X0, Y0]
+    corners[:10] = corners[:10, :1]  # degenerate: a point
+    px, py = rng.uniform(0, 100, m) + X0, rng.uniform(0, 100, m) + Y0
+    got = point_rectangle_distance(px, py, corners)
+    np.testing.assert_array_equal(got, array_form(px, py, corners))
+    # by hand: a 10 x 10 square, points outside, on an edge, inside
+    sq = np.array([[[0, 0], [10, 0], [10, 10], [0, 10]]] * 3, dtype=float)
+    assert point_rectangle_distance(np.array([13.0, 10.0, 5.0]), np.array([14.0, 5.0, 5.0]),
+                                    sq).tolist() == [5.0, 0.0, 0.0]
