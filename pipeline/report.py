@@ -292,7 +292,7 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame],
     """
     with atomic_path(path) as tmp:
         write_layers(tmp, layers, layer_options, dataset_metadata)
-        check_geopackage(tmp)  # PRAGMA integrity_check before it replaces the old one
+        check_geopackage(tmp)  # PRAGMA quick_check before it replaces the old one
 
 
 def write_layers(path: Path, layers: dict[str, pd.DataFrame],
@@ -541,7 +541,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
         step("geopackage buildings (wait)")
         layers.pop("buildings")
     write_layers(gpkg, layers, options, metadata_items(prov))
-    check_geopackage(gpkg)  # PRAGMA integrity_check before it replaces the old one
+    check_geopackage(gpkg)  # PRAGMA quick_check before it replaces the old one
     step("geopackage")
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),

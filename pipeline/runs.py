@@ -513,8 +513,11 @@ def clean_stale_temps(*dirs: Path) -> list[Path]:
 def check_geopackage(path: Path) -> None:
     """Check a GeoPackage before it replaces the published one.
 
-    Runs SQLite's ``PRAGMA integrity_check`` and checks that the file is a
-    GeoPackage (``gpkg_contents`` lists its layers).
+    Runs SQLite's ``PRAGMA quick_check`` (page structure, record formats and
+    constraints: what a write cut short or a damaged file breaks; it skips
+    the full index-to-table cross-check of ``integrity_check``, which takes
+    several times as long on a million buildings) and checks that the file
+    is a GeoPackage (``gpkg_contents`` lists its layers).
 
     Parameters
     ----------
@@ -530,7 +533,7 @@ def check_geopackage(path: Path) -> None:
     try:
         con = sqlite3.connect(uri, uri=True)
         try:
-            result = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+            result = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
             n_layers = con.execute("SELECT count(*) FROM gpkg_contents").fetchone()[0]
         finally:
             con.close()

@@ -69,8 +69,9 @@ check, the failing hours and the fix)
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,12 +285,26 @@ def read_weather(cfg: WeatherConfig, base_dir: Path | str) -> Weather:
             f"weather file {path} not found; fix: run `make data` (it fetches the Shanghai "
             "IWEC EPW) or set weather.path to an EPW or PVGIS TMY file"
         )
+    key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest(),
+           cfg.model_dump_json())
+    if key in _READ:  # the shading and yield stages of one run read the same file
+        log.info("weather file %s: unchanged since it was read and checked in this process; "
+                 "reused", path.name)
+        hit = _READ[key]
+        return replace(hit, data=hit.data.copy(), warnings=list(hit.warnings))
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "epw":
         raw, meta = _read_epw(path, cfg)
     else:
         raw, meta = _read_pvgis(path, fmt, cfg)
-    return check_weather(raw, meta, cfg, path)
+    weather = check_weather(raw, meta, cfg, path)
+    _READ.clear()
+    _READ[key] = weather
+    return replace(weather, data=weather.data.copy(), warnings=list(weather.warnings))
+
+
+#: The last weather file read and checked in this process: (path, sha256, config) -> it.
+_READ: dict[tuple, Weather] = {}
 
 
 def _read_epw(path: Path, cfg: WeatherConfig) -> tuple[pd.DataFrame, dict[str, Any]]:

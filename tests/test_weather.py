@@ -273,3 +273,22 @@ def test_check_weather_on_a_hand_made_frame(tmp_path: Path) -> None:
     dup.index = idx.delete(5).insert(5, idx[4])
     with pytest.raises(WeatherError, match=r"'hourly series' failed: 2 of 47 steps"):
         check_weather(dup, meta, cfg, tmp_path / "x.epw")
+
+
+def test_an_unchanged_file_is_read_once_per_process(iwec_epw: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "w.epw"
+    path.write_bytes(iwec_epw.read_bytes())
+    first = read_weather(WeatherConfig(path=path), tmp_path)
+    first.data.iloc[0, 0] = -1.0  # a caller's change does not reach the next reader
+    with caplog.at_level("INFO", logger="pipeline.weather"):
+        again = read_weather(WeatherConfig(path=path), tmp_path)
+    assert "reused" in caplog.text
+    assert again.data.iloc[0, 0] != -1.0 and again.latitude == first.latitude
+    fresh = read_weather(WeatherConfig(path=iwec_epw), tmp_path)  # another file: read
+    pd.testing.assert_frame_equal(again.data, fresh.data)
+    # same path, other content: read and checked again (here: refused)
+    lines = iwec_epw.read_text(encoding="latin-1").splitlines(keepends=True)
+    path.write_text("".join(lines[:-24]), encoding="latin-1")
+    with pytest.raises(WeatherError):
+        read_weather(WeatherConfig(path=path), tmp_path)
