@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250_000, 1_000_000, 2_000_000])
     parser.add_argument("--speedup-sizes", type=int, nargs="*", default=[1_000_000],
                         help="sizes also run with 1 worker for the 2-vs-1 speed-up")
-    parser.add_argument("--scheduler", default="threads",
-                        help="dask scheduler for the pipeline runs (default threads)")
+    parser.add_argument("--scheduler", default="processes",
+                        help="dask scheduler for the pipeline runs (default processes: "
+                        "the kernels' pandas code holds the GIL, so threads share one core "
+                        "for much of the run)")
     args = parser.parse_args(argv)
     load = os.getloadavg()
     print(f"cores {os.cpu_count()}, load average before the run {load[0]:.2f} "
