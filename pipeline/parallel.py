@@ -132,14 +132,22 @@ def _local_pool(scheduler: str, n_workers: int) -> Iterator[Any]:
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     if scheduler == "processes":
+        level = logging.getLogger("pipeline").getEffectiveLevel()
         pool: Any = ProcessPoolExecutor(n_workers,
-                                        mp_context=multiprocessing.get_context("spawn"))
+                                        mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker, initargs=(level,))
     else:
         pool = ThreadPoolExecutor(n_workers, thread_name_prefix="rooftop-pv")
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(level: int) -> None:
+    """Log a process worker's messages to stderr like the driver's (spawned: no logging yet)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s "
+                        "[worker %(process)d]: %(message)s", datefmt="%H:%M:%S")
 
 
 def partition_count(n_rows: int) -> int:
