@@ -37,11 +37,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classify import (
@@ -462,15 +464,18 @@ def sample_mask(building_id: pd.Series, share: float) -> np.ndarray:
     return (digest % np.uint64(1_000_000)) < np.uint64(round(share * 1_000_000))
 
 
+def _sampled_rows(table: pa.Table, share: float) -> np.ndarray:
+    return sample_mask(table.column("building_id").to_pandas(), share)
+
+
 def _partition_predictions(path: str, row_groups: list[int], areas: gpd.GeoDataFrame,
                            pois: gpd.GeoDataFrame, rules: ClassificationRules,
                            cbdc_labels: pd.DataFrame, share: float = 1.0,
                            ) -> list[tuple[str, pd.Series, pd.Series]]:
     from pipeline.stream import read_partition
 
-    part = read_partition(Path(path), row_groups)
-    if share < 1.0:
-        part = part[sample_mask(part["building_id"], share)]
+    keep = None if share >= 1.0 else partial(_sampled_rows, share=share)
+    part = read_partition(Path(path), row_groups, keep=keep)
     pairs = labelled_predictions(part, areas, pois, rules, cbdc_labels)
     # plain object series: small to send back, and equal whatever the partition
     return [(t, y.astype(object).reset_index(drop=True),

@@ -69,6 +69,7 @@ def partitions(path: Path, rows_per_partition: int | None = None) -> list[list[i
 
 def read_partition(path: Path, row_groups: Sequence[int],
                    columns: Sequence[str] | None = None, rows: tuple[int, int] | None = None,
+                   keep: Callable[[pa.Table], np.ndarray] | None = None,
                    ) -> gpd.GeoDataFrame | pd.DataFrame:
     """Read some row groups of a GeoParquet file.
 
@@ -83,6 +84,10 @@ def read_partition(path: Path, row_groups: Sequence[int],
         result is a plain DataFrame.
     rows : tuple of int, optional
         ``(start, stop)``: only these rows of the row groups read.
+    keep : callable, optional
+        ``keep(table)`` gives a boolean mask of the rows to keep, applied to
+        the Arrow table before anything is converted (geometries of dropped
+        rows are never decoded).
 
     Returns
     -------
@@ -92,6 +97,8 @@ def read_partition(path: Path, row_groups: Sequence[int],
     table = pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
     if rows is not None:
         table = table.slice(rows[0], rows[1] - rows[0])
+    if keep is not None:
+        table = table.filter(pa.array(np.asarray(keep(table), dtype=bool)))
     return _from_arrow(table)
 
 
