@@ -534,7 +534,9 @@ def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.
         previous, prev_d = prev
         previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
         prev_id = record.previous_dir.name
-    changes = compare(previous, current) if prev is not None else compare(current, current)
+    # a first run has nothing to compare: the empty table of the same columns and types
+    changes = (compare(previous, current) if prev is not None
+               else compare(current.iloc[:0], current.iloc[:0]))
     deltas = district_deltas(previous if prev is not None else current, current, changes,
                              prev_d if prev is not None else cur_d, cur_d)
     layers: dict[str, pd.DataFrame] = {"changes": changes, "changes_districts": deltas}
