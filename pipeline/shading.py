@@ -6,6 +6,11 @@ Inputs and outputs
 column                       unit    meaning
 ===========================  ======  ==============================================
 in: ``height_m``             m       building heights (roof stage)
+in: ``centroid_x_m``,        m       footprint centroid and the corners of its
+``centroid_y_m``,                    minimum rotated rectangle (roof stage,
+``rect_c0x_m`` ...                   :func:`obstacle_columns`); dropped from the
+``rect_c3y_m``                       output. Without them (an older roof file)
+                                     they are computed from the footprints
 in: ``tilt_deg``,            deg     plane 1 and plane 2 orientations
 ``azimuth_deg``,
 ``azimuth_2_deg``
@@ -26,9 +31,11 @@ Method
     *Horizon.* Every building is a potential obstacle, represented by its
     minimum rotated rectangle and its height (the neighbour table is built
     once by the driver from all buildings and broadcast, so neighbours in
-    other partitions count). For each roof, seen from its centroid at roof
-    height, the neighbours within ``radius_m`` that are at least
-    ``min_height_difference_m`` taller are found by their envelopes
+    other partitions count; it is read from the roof stage's obstacle
+    columns, so no footprint is decoded in this stage). For each roof, seen
+    from its centroid at roof height, the neighbours within ``radius_m``
+    that are at least ``min_height_difference_m`` taller are found by their
+    envelopes
     (:func:`envelope_pairs`, sorted strips, no geometry built); each one
     raises the horizon to ``atan(dh / d)`` (``d``: distance to its rectangle)
     over the azimuth sectors (``horizon_sector_deg`` wide) that its
