@@ -351,3 +351,26 @@ def test_rectangle_corners_of_degenerate_and_missing_footprints():
     np.testing.assert_array_equal(c[1], [[1, 2]] * 4)
     assert np.isnan(c[2]).all()
     assert set(c[3, :, 0]) == {0.0, 3.0} and (c[3, :, 1] == 0).all()
+
+
+def test_obstacle_index_is_found_again_for_an_equal_copy_only():
+    import pickle
+
+    from pipeline import shading
+
+    rng = np.random.default_rng(5)
+    b = roofs([(a, c, a + 10, c + 8) for a, c in rng.uniform(0, 500, (40, 2))],
+              rng.uniform(5, 50, 40))
+    nb = neighbour_table(b)
+    first = shading.obstacle_index(nb)
+    same = pickle.loads(pickle.dumps(nb))  # what a process worker gets with every task
+    assert same is not nb and shading.obstacle_index(same) is first
+    changed = same.copy()
+    changed.loc[3, "height_m"] += 1.0
+    other = shading.obstacle_index(changed)
+    assert other is not first
+    assert other.height_m.sum() == pytest.approx(first.height_m.sum() + 1.0)
+    x, y = nb["x"].to_numpy(), nb["y"].to_numpy()
+    h, ids = nb["height_m"].to_numpy(), nb["building_id"].to_numpy()
+    np.testing.assert_array_equal(horizon_profile(x, y, h, ids, same, CFG),
+                                  horizon_profile(x, y, h, ids, nb, CFG))
