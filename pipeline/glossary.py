@@ -99,6 +99,13 @@ GLOSSARY: dict[str, str] = {
     "capacity_policy_kwp": "capacity at the policy coverage share [kWp]",
     "suitable": "whether the roof can carry PV at all",
     "unsuitable_reason": "why not, when suitable is false",
+    "centroid_x_m": "footprint centroid easting (roof stage, for shading; not in the "
+    "final outputs) [m]",
+    "centroid_y_m": "footprint centroid northing (roof stage, for shading; not in the "
+    "final outputs) [m]",
+    **{f"rect_c{k}{a}_m": f"corner {k} {w} of the footprint's minimum rotated rectangle, "
+       "the shading obstacle (roof stage; not in the final outputs) [m]"
+       for k in range(4) for a, w in (("x", "easting"), ("y", "northing"))},
     # shading
     "horizon_max_deg": "highest horizon elevation of taller neighbours seen from the roof "
     "[deg]",

@@ -60,6 +60,11 @@ capacity_policy_kwp      kWp     capacity on policy_area_m2
 capacity_policy_2_kwp    kWp     the part of it on plane 2
 suitable                 -       usable_area_m2 > 0
 unsuitable_reason        -       why not
+centroid_x_m,            m       footprint centroid, for the shading stage
+centroid_y_m
+rect_c0x_m ...           m       corners of the minimum rotated rectangle, the
+rect_c3y_m                       shading stage's obstacle (it drops the centroid
+                                 and corner columns from its output)
 =======================  ======  ===============================================
 """
 
@@ -77,6 +82,7 @@ import shapely
 
 from pipeline.config import PipelineConfig, PolicyConfig, RoofConfig
 from pipeline.heights import HeightsConfig, building_heights, raster_index
+from pipeline.shading import obstacle_columns
 from pipeline.stream import map_file
 
 log = logging.getLogger(__name__)
@@ -210,8 +216,8 @@ def angle_between(a_deg: np.ndarray | float, b_deg: np.ndarray | float) -> np.nd
     return np.minimum(d, 360.0 - d)
 
 
-def ridge_planes(geometry: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                   np.ndarray]:
+def ridge_planes(geometry: gpd.GeoSeries, envelope: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split footprints into the two planes either side of a ridge.
 
     The ridge is the centre line of the minimum rotated rectangle parallel to
@@ -221,6 +227,8 @@ def ridge_planes(geometry: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray, np.nd
     ----------
     geometry : GeoSeries
         Footprints in a metric CRS [m].
+    envelope : ndarray of shapely geometries, optional
+        ``shapely.oriented_envelope`` of the footprints, if already computed.
 
     Returns
     -------
@@ -233,7 +241,7 @@ def ridge_planes(geometry: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray, np.nd
     n = len(geoms)
     corners = np.zeros((n, 4, 2))
     if n:
-        rect = shapely.oriented_envelope(geoms)
+        rect = shapely.oriented_envelope(geoms) if envelope is None else envelope
         coords, idx = shapely.get_coordinates(rect, return_index=True)
         counts = np.bincount(idx, minlength=n)
         starts = np.cumsum(counts) - counts
@@ -537,8 +545,8 @@ def roof_kind(buildings: pd.DataFrame, cfg: RoofConfig) -> tuple[np.ndarray, np.
 _TRANSFORMERS = threading.local()
 
 
-def _latitude(geometry: gpd.GeoSeries) -> np.ndarray:
-    """Latitude of the footprint centroids [deg].
+def _latitude(geometry: gpd.GeoSeries, centroid: np.ndarray | None = None) -> np.ndarray:
+    """Latitude of the footprint centroids [deg] (``centroid``: if already computed).
 
     The centroids go through pyproj directly (the transformer that
     ``GeoSeries.to_crs`` builds, cached per thread: pyproj transformers are
@@ -548,7 +556,8 @@ def _latitude(geometry: gpd.GeoSeries) -> np.ndarray:
         return np.zeros(0)
     from pyproj import Transformer
 
-    cent = shapely.centroid(np.asarray(geometry.array, dtype=object))
+    cent = (shapely.centroid(np.asarray(geometry.array, dtype=object)) if centroid is None
+            else centroid)
     cache = _TRANSFORMERS.__dict__.setdefault("to_wgs84", {})
     key = geometry.crs.to_wkt()
     if key not in cache:
@@ -578,6 +587,9 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     out = part.copy()
     n = len(out)
     geoms = np.asarray(out.geometry.array, dtype=object)
+    # computed once: the ridges, the latitudes and the shading stage's obstacle columns
+    rect = shapely.oriented_envelope(geoms) if n else np.zeros(0, dtype=object)
+    cent = shapely.centroid(geoms) if n else np.zeros(0, dtype=object)
     kind, kind_source = roof_kind(out, roof)
     flat = kind == "flat"
     height = out["height_m"].to_numpy(dtype=float)
@@ -606,7 +618,7 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     usable_2 = np.zeros(n)
     gcr = np.full(n, roof.pitched_gcr)
     gcr[flat] = solstice_row_gcr(
-        _latitude(out.geometry[flat]), roof.flat_tilt_deg, roof.flat_azimuth_deg,
+        _latitude(out.geometry[flat], cent[flat]), roof.flat_tilt_deg, roof.flat_azimuth_deg,
         roof.flat_row_rule_declination_deg, roof.flat_row_rule_start_solar_h,
         roof.flat_row_rule_end_solar_h) if flat.any() else np.zeros(0)
     reason = np.where(area_in <= 0, reason_setback,
@@ -618,7 +630,7 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     pit = ~flat
     if pit.any():
         cos_t = np.cos(np.radians(roof.pitched_tilt_deg))
-        pa, pb, aza, azb = ridge_planes(out.geometry[pit])
+        pa, pb, aza, azb = ridge_planes(out.geometry[pit], rect[pit])
         s = setback[pit]
         planes = []
         for plane, az in ((pa, aza), (pb, azb)):
@@ -676,6 +688,8 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     out["suitable"] = usable > 0
     out["unsuitable_reason"] = pd.Series(np.where(usable > 0, None, reason), index=out.index,
                                          dtype="object")
+    for col, values in obstacle_columns(geoms, rect, cent).items():
+        out[col] = values
     return out
 
 

@@ -6,6 +6,11 @@ Inputs and outputs
 column                       unit    meaning
 ===========================  ======  ==============================================
 in: ``height_m``             m       building heights (roof stage)
+in: ``centroid_x_m``,        m       footprint centroid and the corners of its
+``centroid_y_m``,                    minimum rotated rectangle (roof stage,
+``rect_c0x_m`` ...                   :func:`obstacle_columns`); dropped from the
+``rect_c3y_m``                       output. Without them (an older roof file)
+                                     they are computed from the footprints
 in: ``tilt_deg``,            deg     plane 1 and plane 2 orientations
 ``azimuth_deg``,
 ``azimuth_2_deg``
@@ -26,9 +31,11 @@ Method
     *Horizon.* Every building is a potential obstacle, represented by its
     minimum rotated rectangle and its height (the neighbour table is built
     once by the driver from all buildings and broadcast, so neighbours in
-    other partitions count). For each roof, seen from its centroid at roof
-    height, the neighbours within ``radius_m`` that are at least
-    ``min_height_difference_m`` taller are found by their envelopes
+    other partitions count; it is read from the roof stage's obstacle
+    columns, so no footprint is decoded in this stage). For each roof, seen
+    from its centroid at roof height, the neighbours within ``radius_m``
+    that are at least ``min_height_difference_m`` taller are found by their
+    envelopes
     (:func:`envelope_pairs`, sorted strips, no geometry built); each one
     raises the horizon to ``atan(dh / d)`` (``d``: distance to its rectangle)
     over the azimuth sectors (``horizon_sector_deg`` wide) that its
@@ -86,6 +93,11 @@ log = logging.getLogger(__name__)
 #: Columns of the broadcast neighbour table.
 NEIGHBOUR_COLUMNS = ("building_id", "x", "y", "height_m",
                      "c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y")
+#: Obstacle columns the roof stage writes per building (:func:`obstacle_columns`);
+#: the shading stage reads them instead of the footprints and drops them.
+OBSTACLE_COLUMNS = ("centroid_x_m", "centroid_y_m",
+                    "rect_c0x_m", "rect_c0y_m", "rect_c1x_m", "rect_c1y_m",
+                    "rect_c2x_m", "rect_c2y_m", "rect_c3x_m", "rect_c3y_m")
 #: Elevation resolution of the cumulative beam tables [deg].
 ELEVATION_STEP_DEG = 1.0
 
@@ -236,21 +248,83 @@ def horizon_table(classes: pd.DataFrame, weather: Weather, yield_cfg: YieldConfi
                         cum_beam=cum, beam=beam, sky=sky, ground=ground)
 
 
-def _neighbour_partition(path: str, row_groups: list[int]) -> pd.DataFrame:
-    """:func:`neighbour_table` of one partition of a GeoParquet file (a task)."""
-    from pipeline.stream import read_partition
+def rectangle_corners(rect: np.ndarray) -> np.ndarray:
+    """Corners of minimum rotated rectangles as an array.
 
-    return neighbour_table(read_partition(Path(path), row_groups,
-                                          ["building_id", "height_m", "geometry"]))
+    Parameters
+    ----------
+    rect : ndarray of shapely geometries
+        ``shapely.oriented_envelope`` of footprints [m] (polygons; a
+        degenerate footprint gives a line or a point).
+
+    Returns
+    -------
+    ndarray
+        Shape (n, 4, 2): the first four ring vertices [m]; a line or point
+        repeats its last vertex; NaN for a missing or empty geometry.
+    """
+    n = len(rect)
+    corners = np.full((n, 4, 2), np.nan)
+    if n:
+        coords, idx = shapely.get_coordinates(rect, return_index=True)
+        counts = np.bincount(idx, minlength=n)
+        starts = np.cumsum(counts) - counts
+        take = np.minimum(np.arange(4)[None, :], np.maximum(counts[:, None] - 1, 0))
+        has = counts > 0
+        corners[has] = coords[(starts[:, None] + take)[has]]
+    return corners
 
 
-def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
+def obstacle_columns(geoms: np.ndarray, rect: np.ndarray | None = None,
+                     centroid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The per-building obstacle columns (:data:`OBSTACLE_COLUMNS`) of footprints.
+
+    The roof stage writes them (it has the footprints decoded already), so
+    that this stage builds its neighbour table and roof positions from a
+    few numeric columns instead of decoding every footprint again.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints in a metric CRS [m].
+    rect, centroid : ndarray of shapely geometries, optional
+        ``shapely.oriented_envelope(geoms)`` and ``shapely.centroid(geoms)``
+        if already computed.
+
+    Returns
+    -------
+    dict
+        ``centroid_x_m``, ``centroid_y_m`` [m] and the rectangle corners
+        ``rect_c0x_m`` ... ``rect_c3y_m`` [m] (:func:`rectangle_corners`).
+    """
+    geoms = np.asarray(geoms, dtype=object)
+    if rect is None:
+        rect = shapely.oriented_envelope(geoms) if len(geoms) else np.zeros(0, dtype=object)
+    if centroid is None:
+        centroid = shapely.centroid(geoms) if len(geoms) else np.zeros(0, dtype=object)
+    corners = rectangle_corners(np.asarray(rect, dtype=object))
+    out = {"centroid_x_m": np.asarray(shapely.get_x(centroid), dtype=float),
+           "centroid_y_m": np.asarray(shapely.get_y(centroid), dtype=float)}
+    for k in range(4):
+        out[f"rect_c{k}x_m"] = corners[:, k, 0]
+        out[f"rect_c{k}y_m"] = corners[:, k, 1]
+    return out
+
+
+def has_obstacle_columns(columns: object) -> bool:
+    """Whether a frame's or a file's columns include all :data:`OBSTACLE_COLUMNS`."""
+    return set(OBSTACLE_COLUMNS) <= set(columns)
+
+
+def neighbour_table(buildings: pd.DataFrame) -> pd.DataFrame:
     """Compact obstacle description of every building, broadcast to all partitions.
 
     Parameters
     ----------
-    buildings : GeoDataFrame
-        ``building_id``, ``height_m`` [m], footprints in a metric CRS.
+    buildings : DataFrame
+        ``building_id``, ``height_m`` [m] and either the
+        :data:`OBSTACLE_COLUMNS` (roof stage) or footprints in a metric CRS
+        (a GeoDataFrame).
 
     Returns
     -------
@@ -258,25 +332,47 @@ def neighbour_table(buildings: gpd.GeoDataFrame) -> pd.DataFrame:
         ``building_id``, centroid ``x``, ``y`` [m], ``height_m`` [m] and the
         corners ``c0x`` ... ``c3y`` [m] of the minimum rotated rectangle.
     """
-    geoms = np.asarray(buildings.geometry.array, dtype=object)
-    n = len(geoms)
-    corners = np.zeros((n, 4, 2))
-    if n:
-        rect = shapely.oriented_envelope(geoms)
-        coords, idx = shapely.get_coordinates(rect, return_index=True)
-        counts = np.bincount(idx, minlength=n)
-        starts = np.cumsum(counts) - counts
-        take = np.minimum(np.arange(4)[None, :], np.maximum(counts[:, None] - 1, 0))
-        corners = coords[np.minimum(starts[:, None] + take, len(coords) - 1)]
-    cent = shapely.centroid(geoms)
+    if has_obstacle_columns(buildings.columns):
+        cols = {c: buildings[c].to_numpy(dtype=float) for c in OBSTACLE_COLUMNS}
+    else:
+        cols = obstacle_columns(np.asarray(buildings.geometry.array, dtype=object))
     out = pd.DataFrame({"building_id": buildings["building_id"].to_numpy(),
-                        "x": shapely.get_x(cent) if n else np.zeros(0),
-                        "y": shapely.get_y(cent) if n else np.zeros(0),
+                        "x": cols["centroid_x_m"], "y": cols["centroid_y_m"],
                         "height_m": buildings["height_m"].to_numpy(dtype=float)})
     for k in range(4):
-        out[f"c{k}x"] = corners[:, k, 0]
-        out[f"c{k}y"] = corners[:, k, 1]
+        out[f"c{k}x"] = cols[f"rect_c{k}x_m"]
+        out[f"c{k}y"] = cols[f"rect_c{k}y_m"]
     return out
+
+
+def roof_centroids(buildings: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Footprint centroids of roofs: the roof stage's columns, else from the geometry.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        With ``centroid_x_m``, ``centroid_y_m`` [m], or a GeoDataFrame.
+
+    Returns
+    -------
+    x, y : ndarray, ndarray
+        Centroid coordinates [m].
+    """
+    if {"centroid_x_m", "centroid_y_m"} <= set(buildings.columns):
+        return (buildings["centroid_x_m"].to_numpy(dtype=float),
+                buildings["centroid_y_m"].to_numpy(dtype=float))
+    if len(buildings) == 0:
+        return np.zeros(0), np.zeros(0)
+    cent = shapely.centroid(np.asarray(buildings.geometry.array, dtype=object))
+    return shapely.get_x(cent), shapely.get_y(cent)
+
+
+def _neighbour_partition(path: str, row_groups: list[int]) -> pd.DataFrame:
+    """:func:`neighbour_table` of one partition of a GeoParquet file (a task)."""
+    from pipeline.stream import read_partition
+
+    return neighbour_table(read_partition(Path(path), row_groups,
+                                          ["building_id", "height_m", "geometry"]))
 
 
 @dataclass(frozen=True)
@@ -310,6 +406,9 @@ class ObstacleIndex:
 
 
 _OBSTACLE_INDEX: dict[int, ObstacleIndex] = {}
+#: The last table indexed and its index: a process worker receives the broadcast table
+#: as a new object with every task, found here by equal content.
+_OBSTACLE_LAST: list[tuple[pd.DataFrame, ObstacleIndex]] = []
 _OBSTACLE_LOCK = threading.Lock()
 
 
@@ -319,7 +418,11 @@ def obstacle_index(neighbours: pd.DataFrame) -> ObstacleIndex:
     The table is broadcast to every partition; converting and sorting it in
     each would cost O(buildings) per partition, so O(buildings^2 /
     partition size) for the stage. The index is cached for the lifetime of
-    the table object (threads share it; each worker process builds its own).
+    the table object (threads share it), and the last table indexed is kept
+    with its index, so that a process worker, which unpickles a new copy of
+    the table for every task, finds the index of an equal table (an exact
+    comparison, some 30 ms for a million buildings, instead of about 1 s to
+    build it again).
 
     Parameters
     ----------
@@ -336,6 +439,12 @@ def obstacle_index(neighbours: pd.DataFrame) -> ObstacleIndex:
         hit = _OBSTACLE_INDEX.get(key)
         if hit is not None and len(hit.x) == len(neighbours):
             return hit
+        for frame, index in _OBSTACLE_LAST:
+            if frame is not neighbours and len(frame) == len(neighbours) and frame.equals(
+                    neighbours):
+                _OBSTACLE_INDEX[key] = index
+                weakref.finalize(neighbours, _OBSTACLE_INDEX.pop, key, None)
+                return index
         c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy(
             dtype=float).reshape(-1, 4, 2)
         lo_x = c[:, :, 0].min(axis=1)
@@ -353,6 +462,7 @@ def obstacle_index(neighbours: pd.DataFrame) -> ObstacleIndex:
             building_id=neighbours["building_id"].to_numpy()[order])
         _OBSTACLE_INDEX[key] = index
         weakref.finalize(neighbours, _OBSTACLE_INDEX.pop, key, None)
+        _OBSTACLE_LAST[:] = [(neighbours, index)]
         return index
 
 
@@ -587,14 +697,16 @@ def unshaded_share(horizon: np.ndarray, tilt_deg: np.ndarray, azimuth_deg: np.nd
     return share, beam_loss
 
 
-def shading_kernel(part: gpd.GeoDataFrame, neighbours: pd.DataFrame, table: HorizonTable,
-                   cfg: ShadingConfig) -> gpd.GeoDataFrame:
+def shading_kernel(part: pd.DataFrame, neighbours: pd.DataFrame, table: HorizonTable,
+                   cfg: ShadingConfig) -> pd.DataFrame:
     """Kernel: horizon, irradiation loss and the minimum-share rule per roof.
 
     Parameters
     ----------
-    part : GeoDataFrame
-        Roof-stage buildings.
+    part : DataFrame
+        Roof-stage buildings: with the roof stage's ``centroid_x_m``,
+        ``centroid_y_m`` [m] (then no geometry is needed), or a
+        GeoDataFrame whose footprint centroids are computed.
     neighbours : DataFrame
         :func:`neighbour_table` of all buildings (not only this partition).
     table : HorizonTable
@@ -604,15 +716,14 @@ def shading_kernel(part: gpd.GeoDataFrame, neighbours: pd.DataFrame, table: Hori
 
     Returns
     -------
-    GeoDataFrame
+    DataFrame
         ``part`` with the shading columns and the capacities, areas and
-        suitability updated by the rule.
+        suitability updated by the rule, without the :data:`OBSTACLE_COLUMNS`
+        (same type as ``part``).
     """
-    out = part.copy()
+    x, y = roof_centroids(part)
+    out = part.drop(columns=list(OBSTACLE_COLUMNS), errors="ignore")
     n = len(out)
-    cent = shapely.centroid(np.asarray(out.geometry.array, dtype=object))
-    x = shapely.get_x(cent) if n else np.zeros(0)
-    y = shapely.get_y(cent) if n else np.zeros(0)
     height = out["height_m"].to_numpy(dtype=float)
     horizon = horizon_profile(x, y, height, out["building_id"].to_numpy(), neighbours, cfg)
     tilt = out["tilt_deg"].to_numpy(dtype=float)
@@ -694,8 +805,7 @@ def neighbours_in_reach(buildings: gpd.GeoDataFrame, groups: list[np.ndarray],
     list of ndarray
         Row positions in ``neighbours``, one array per group.
     """
-    cent = shapely.centroid(np.asarray(buildings.geometry.array, dtype=object))
-    x, y = shapely.get_x(cent), shapely.get_y(cent)
+    x, y = roof_centroids(buildings)
     c = neighbours[["c0x", "c0y", "c1x", "c1y", "c2x", "c2y", "c3x", "c3y"]].to_numpy()
     env = shapely.box(c[:, 0::2].min(axis=1), c[:, 1::2].min(axis=1),
                       c[:, 0::2].max(axis=1), c[:, 1::2].max(axis=1))
@@ -733,6 +843,8 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
         Rows in and out, roofs made unsuitable by shading, capacity
         before and after [kWp], duration [s].
     """
+    import pyarrow.parquet as pq
+
     from pipeline.parallel import map_tasks
     from pipeline.pvyield import orientation_classes
     from pipeline.stream import map_file, partitions, read_columns
@@ -750,17 +862,30 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
         weather = read_weather(cfg.weather, base_dir)
         return horizon_table(classes, weather, cfg.yield_, cfg.shading.horizon_sector_deg)
 
-    # the weather and class tables (a fixed cost) are read while the workers build the
-    # compact obstacle table of all buildings, partition by partition
+    # the roof stage wrote each building's centroid and rectangle: the obstacle table and
+    # the roof positions come from those columns and no footprint is decoded here (a roof
+    # file without them, e.g. written by an older version, takes the geometry path)
+    precomputed = has_obstacle_columns(pq.ParquetFile(src).schema_arrow.names)
+    # the weather and class tables (a fixed cost) are read while the compact obstacle
+    # table of all buildings is built
     with ThreadPoolExecutor(1) as pool:
         table_job = pool.submit(class_table)
-        neighbours = pd.concat(list(map_tasks(
-            _neighbour_partition, [(str(src), p) for p in partitions(src)],
-            label="shading obstacles")), ignore_index=True)
+        if precomputed:
+            neighbours = neighbour_table(read_columns(
+                src, ["building_id", "height_m", *OBSTACLE_COLUMNS]))
+        else:
+            neighbours = pd.concat(list(map_tasks(
+                _neighbour_partition, [(str(src), p) for p in partitions(src)],
+                label="shading obstacles")), ignore_index=True)
         table = table_job.result()
-    rows_in, rows_out, out = map_file(src, d / "shading_buildings.parquet", shading_kernel,
-                                      neighbours, table, cfg.shading, label="shading",
-                                      keep=("suitable", "capacity_kwp"))
+    try:
+        rows_in, rows_out, out = map_file(
+            src, d / "shading_buildings.parquet", shading_kernel, neighbours, table,
+            cfg.shading, label="shading", keep=("suitable", "capacity_kwp"),
+            geometry="skip" if precomputed else "read")
+    finally:
+        with _OBSTACLE_LOCK:  # the driver's copy (threads, synchronous) is not kept
+            _OBSTACLE_LAST.clear()
     newly = int((before["suitable"].to_numpy(dtype=bool)
                  & ~out["suitable"].to_numpy(dtype=bool)).sum())
     stats = {"rows_in": rows_in, "rows_out": rows_out, "shaded_out": newly,

@@ -294,3 +294,17 @@ def test_latitude_equals_to_crs():
     ref = gpd.GeoSeries(shapely.centroid(g.array), crs=g.crs).to_crs("EPSG:4326").y.to_numpy()
     np.testing.assert_allclose(_latitude(g), ref, rtol=0, atol=1e-12)
     assert len(_latitude(g.iloc[:0])) == 0
+
+
+def test_roof_writes_the_obstacle_columns_of_its_footprints():
+    from pipeline.shading import OBSTACLE_COLUMNS, obstacle_columns
+
+    # a flat and a pitched roof: both take the shared envelope and centroid
+    b = frame([box(0, 0, 40, 25), box(100, 0, 130, 12)], ["factory", "factory"],
+              roof_shape=["flat", "gabled"])
+    out = roof_potential(b, RoofConfig(**ROOF), PolicyConfig(**POLICY))
+    ref = obstacle_columns(np.asarray(b.geometry.array, dtype=object))
+    for col in OBSTACLE_COLUMNS:
+        np.testing.assert_array_equal(out[col].to_numpy(), ref[col])
+    np.testing.assert_allclose(out["centroid_x_m"], [X0 + 20, X0 + 115])
+    np.testing.assert_allclose(out["centroid_y_m"], [Y0 + 12.5, Y0 + 6])

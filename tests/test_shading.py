@@ -290,3 +290,87 @@ def test_point_rectangle_distance_equals_the_array_form():
     sq = np.array([[[0, 0], [10, 0], [10, 10], [0, 10]]] * 3, dtype=float)
     assert point_rectangle_distance(np.array([13.0, 10.0, 5.0]), np.array([14.0, 5.0, 5.0]),
                                     sq).tolist() == [5.0, 0.0, 0.0]
+
+
+def _obstacle_roofs(geoms, rng):
+    """Roof-stage-like frame of footprints with random heights and orientations."""
+    n = len(geoms)
+    az = rng.choice([180.0, 90.0, 270.0], n)
+    b = roofs([(0, 0, 1, 1)] * n, rng.choice([6.0, 12.0, 24.0, 60.0], n), az=az,
+              tilt=np.where(az == 180.0, 20.0, 25.0))
+    return b.set_geometry(gpd.GeoSeries(geoms, crs="EPSG:32651"))
+
+
+def _town_and_sample_footprints(sample):
+    """Rotated boxes of a dense town and the real sample footprint templates."""
+    from shapely import affinity
+
+    from bench.generate import load_templates
+
+    rng = np.random.default_rng(11)
+    n = 600
+    town = [affinity.rotate(box(X0 + a - w, Y0 + b - d, X0 + a + w, Y0 + b + d), ang)
+            for a, b, w, d, ang in zip(rng.uniform(0, 700, n), rng.uniform(0, 700, n),
+                                       rng.uniform(4, 30, n), rng.uniform(4, 15, n),
+                                       rng.uniform(0, 180, n), strict=True)]
+    templates = load_templates(sample)[0][:600]
+    placed = [affinity.translate(g, X0 + x, Y0 + y) for g, x, y in zip(
+        templates, rng.uniform(0, 700, len(templates)), rng.uniform(0, 700, len(templates)),
+        strict=True)]
+    return town + placed
+
+
+def test_obstacle_columns_give_the_same_table_and_kernel(sample, south_table):
+    from pipeline.shading import OBSTACLE_COLUMNS, obstacle_columns
+
+    rng = np.random.default_rng(12)
+    b = _obstacle_roofs(_town_and_sample_footprints(sample), rng)
+    cols = obstacle_columns(np.asarray(b.geometry.array, dtype=object))
+    assert set(cols) == set(OBSTACLE_COLUMNS)
+    fast_in = pd.DataFrame(b.drop(columns="geometry")).assign(**cols)  # no geometry at all
+    nb_slow, nb_fast = neighbour_table(b), neighbour_table(fast_in)
+    pd.testing.assert_frame_equal(nb_fast, nb_slow, check_exact=True)
+    slow = shading_kernel(b, nb_slow, south_table, CFG)
+    fast = shading_kernel(fast_in, nb_fast, south_table, CFG)
+    assert not isinstance(fast, gpd.GeoDataFrame)
+    assert not set(OBSTACLE_COLUMNS) & set(fast.columns)
+    assert (slow["horizon_max_deg"] > 0).mean() > 0.3  # neighbours really shade
+    pd.testing.assert_frame_equal(fast, pd.DataFrame(slow.drop(columns="geometry")),
+                                  check_exact=True)
+
+
+def test_rectangle_corners_of_degenerate_and_missing_footprints():
+    import shapely
+
+    from pipeline.shading import rectangle_corners
+
+    geoms = np.array([box(0, 0, 4, 2), shapely.Point(1, 2), None,
+                      shapely.LineString([(0, 0), (3, 0)])], dtype=object)
+    c = rectangle_corners(shapely.oriented_envelope(geoms))
+    np.testing.assert_array_equal(np.sort(c[0, :, 0]), [0, 0, 4, 4])
+    np.testing.assert_array_equal(c[1], [[1, 2]] * 4)
+    assert np.isnan(c[2]).all()
+    assert set(c[3, :, 0]) == {0.0, 3.0} and (c[3, :, 1] == 0).all()
+
+
+def test_obstacle_index_is_found_again_for_an_equal_copy_only():
+    import pickle
+
+    from pipeline import shading
+
+    rng = np.random.default_rng(5)
+    b = roofs([(a, c, a + 10, c + 8) for a, c in rng.uniform(0, 500, (40, 2))],
+              rng.uniform(5, 50, 40))
+    nb = neighbour_table(b)
+    first = shading.obstacle_index(nb)
+    same = pickle.loads(pickle.dumps(nb))  # what a process worker gets with every task
+    assert same is not nb and shading.obstacle_index(same) is first
+    changed = same.copy()
+    changed.loc[3, "height_m"] += 1.0
+    other = shading.obstacle_index(changed)
+    assert other is not first
+    assert other.height_m.sum() == pytest.approx(first.height_m.sum() + 1.0)
+    x, y = nb["x"].to_numpy(), nb["y"].to_numpy()
+    h, ids = nb["height_m"].to_numpy(), nb["building_id"].to_numpy()
+    np.testing.assert_array_equal(horizon_profile(x, y, h, ids, same, CFG),
+                                  horizon_profile(x, y, h, ids, nb, CFG))
