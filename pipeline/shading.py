@@ -697,8 +697,82 @@ def unshaded_share(horizon: np.ndarray, tilt_deg: np.ndarray, azimuth_deg: np.nd
     return share, beam_loss
 
 
-def shading_kernel(part: pd.DataFrame, neighbours: pd.DataFrame, table: HorizonTable,
-                   cfg: ShadingConfig) -> pd.DataFrame:
+@dataclass(frozen=True)
+class ObstacleFile:
+    """Handle of an obstacle table written once to a file for a streamed stage.
+
+    Sent to the workers instead of the table itself (some 100 MB at a million
+    buildings, pickled once per partition otherwise); each worker process
+    reads the file once (:func:`resolve_neighbours`).
+
+    Attributes
+    ----------
+    path : str
+        Arrow IPC (Feather) file with the :func:`neighbour_table` columns.
+    token : str
+        Size and modification time of the file: a rewritten file is read again.
+    """
+
+    path: str
+    token: str
+
+
+def write_obstacle_file(neighbours: pd.DataFrame, path: Path) -> ObstacleFile:
+    """Write a neighbour table for the workers; return its handle.
+
+    Parameters
+    ----------
+    neighbours : DataFrame
+        :func:`neighbour_table`.
+    path : Path
+        The file (in the processed directory, which workers reach).
+
+    Returns
+    -------
+    ObstacleFile
+    """
+    import os
+
+    import pyarrow.feather as feather
+
+    feather.write_feather(neighbours.reset_index(drop=True), str(path),
+                          compression="uncompressed")
+    st = os.stat(path)
+    return ObstacleFile(str(path), f"{st.st_size}-{st.st_mtime_ns}")
+
+
+#: The obstacle table last read from a file in this process: ((path, token), table).
+_OBSTACLE_FILE: list[tuple[tuple[str, str], pd.DataFrame]] = []
+
+
+def resolve_neighbours(neighbours: pd.DataFrame | ObstacleFile) -> pd.DataFrame:
+    """The neighbour table itself, read once per process from an :class:`ObstacleFile`.
+
+    Parameters
+    ----------
+    neighbours : DataFrame or ObstacleFile
+
+    Returns
+    -------
+    DataFrame
+        The same table object for every task of a process, so that its
+        :func:`obstacle_index` is built once.
+    """
+    if not isinstance(neighbours, ObstacleFile):
+        return neighbours
+    import pyarrow.feather as feather
+
+    key = (neighbours.path, neighbours.token)
+    with _OBSTACLE_LOCK:
+        if _OBSTACLE_FILE and _OBSTACLE_FILE[0][0] == key:
+            return _OBSTACLE_FILE[0][1]
+        frame = feather.read_table(neighbours.path).to_pandas()
+        _OBSTACLE_FILE[:] = [(key, frame)]
+        return frame
+
+
+def shading_kernel(part: pd.DataFrame, neighbours: pd.DataFrame | ObstacleFile,
+                   table: HorizonTable, cfg: ShadingConfig) -> pd.DataFrame:
     """Kernel: horizon, irradiation loss and the minimum-share rule per roof.
 
     Parameters
@@ -707,8 +781,9 @@ def shading_kernel(part: pd.DataFrame, neighbours: pd.DataFrame, table: HorizonT
         Roof-stage buildings: with the roof stage's ``centroid_x_m``,
         ``centroid_y_m`` [m] (then no geometry is needed), or a
         GeoDataFrame whose footprint centroids are computed.
-    neighbours : DataFrame
-        :func:`neighbour_table` of all buildings (not only this partition).
+    neighbours : DataFrame or ObstacleFile
+        :func:`neighbour_table` of all buildings (not only this partition),
+        or the handle of its file.
     table : HorizonTable
         :func:`horizon_table` of all plane orientations.
     cfg : ShadingConfig
@@ -721,6 +796,7 @@ def shading_kernel(part: pd.DataFrame, neighbours: pd.DataFrame, table: HorizonT
         suitability updated by the rule, without the :data:`OBSTACLE_COLUMNS`
         (same type as ``part``).
     """
+    neighbours = resolve_neighbours(neighbours)
     x, y = roof_centroids(part)
     out = part.drop(columns=list(OBSTACLE_COLUMNS), errors="ignore")
     n = len(out)
@@ -845,6 +921,7 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     """
     import pyarrow.parquet as pq
 
+    from pipeline import incremental
     from pipeline.parallel import map_tasks
     from pipeline.pvyield import orientation_classes
     from pipeline.stream import map_file, partitions, read_columns
@@ -878,14 +955,21 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
                 _neighbour_partition, [(str(src), p) for p in partitions(src)],
                 label="shading obstacles")), ignore_index=True)
         table = table_job.result()
+    obstacles_path = d / ".shading_obstacles.arrow"
     try:
+        # streamed partitions get the table's file, written once, rather than the table
+        # pickled for each of them (the rerun cache digests the table itself)
+        arg = neighbours if incremental.active() is not None else write_obstacle_file(
+            neighbours, obstacles_path)
         rows_in, rows_out, out = map_file(
-            src, d / "shading_buildings.parquet", shading_kernel, neighbours, table,
+            src, d / "shading_buildings.parquet", shading_kernel, arg, table,
             cfg.shading, label="shading", keep=("suitable", "capacity_kwp"),
             geometry="skip" if precomputed else "read")
     finally:
+        obstacles_path.unlink(missing_ok=True)
         with _OBSTACLE_LOCK:  # the driver's copy (threads, synchronous) is not kept
             _OBSTACLE_LAST.clear()
+            _OBSTACLE_FILE.clear()
     newly = int((before["suitable"].to_numpy(dtype=bool)
                  & ~out["suitable"].to_numpy(dtype=bool)).sum())
     stats = {"rows_in": rows_in, "rows_out": rows_out, "shaded_out": newly,

@@ -339,6 +339,35 @@ def test_obstacle_columns_give_the_same_table_and_kernel(sample, south_table):
                                   check_exact=True)
 
 
+def test_obstacle_file_gives_the_same_kernel_output(sample, south_table, tmp_path):
+    import pickle
+
+    from pipeline.shading import (
+        OBSTACLE_COLUMNS,
+        obstacle_columns,
+        resolve_neighbours,
+        write_obstacle_file,
+    )
+
+    rng = np.random.default_rng(3)
+    b = _obstacle_roofs(_town_and_sample_footprints(sample), rng)
+    b = pd.DataFrame(b.drop(columns="geometry")).assign(
+        **obstacle_columns(np.asarray(b.geometry.array, dtype=object)))
+    nb = neighbour_table(b)
+    handle = write_obstacle_file(nb, tmp_path / "obstacles.arrow")
+    assert len(pickle.dumps(handle)) < 500  # what each partition is sent
+    first = resolve_neighbours(pickle.loads(pickle.dumps(handle)))
+    pd.testing.assert_frame_equal(first, nb.reset_index(drop=True), check_exact=True)
+    assert resolve_neighbours(pickle.loads(pickle.dumps(handle))) is first  # read once
+    via_file = shading_kernel(b, handle, south_table, CFG)
+    pd.testing.assert_frame_equal(via_file, shading_kernel(b, nb, south_table, CFG),
+                                  check_exact=True)
+    assert not set(OBSTACLE_COLUMNS) & set(via_file.columns)
+    # a rewritten file is read again
+    again = write_obstacle_file(nb.iloc[:10], tmp_path / "obstacles.arrow")
+    assert len(resolve_neighbours(again)) == 10
+
+
 def test_rectangle_corners_of_degenerate_and_missing_footprints():
     import shapely
 
