@@ -319,36 +319,25 @@ def map_tasks(func: Callable[..., Any], items: Sequence[tuple], label: str = "",
     sizes = list(sizes) if sizes is not None else [1] * len(items)
     bar = progress_bar(sum(sizes), label)
     try:
-        client = _STATE.get("client")
-        if client is not None:
-            pending: deque = deque()
-            queue = iter(enumerate(items))
-            for _ in range(inflight):
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.append((nxt[0], client.submit(func, *nxt[1], pure=False)))
-            while pending:
-                pos, future = pending.popleft()
-                result = future.result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.append((nxt[0], client.submit(func, *nxt[1], pure=False)))
-                bar.update(sizes[pos])
-                yield result
-        elif _STATE.get("pool") is not None:
-            # sliding window over the run's pool: a worker that finishes takes the next
-            # task while the driver writes the previous result
-            pool = _STATE["pool"]
+        client, pool = _STATE.get("client"), _STATE.get("pool")
+        if client is not None or pool is not None:
+            # sliding window: a worker that finishes takes the next task while the driver
+            # handles the previous result
+            def submit(item: tuple) -> Any:
+                if client is not None:
+                    return client.submit(func, *item, pure=False)
+                return pool.submit(func, *item)
+
             window: deque = deque()
             queue = iter(enumerate(items))
             for pos, item in itertools.islice(queue, inflight):
-                window.append((pos, pool.submit(func, *item)))
+                window.append((pos, submit(item)))
             while window:
                 pos, future = window.popleft()
                 result = future.result()
                 nxt = next(queue, None)
                 if nxt is not None:
-                    window.append((nxt[0], pool.submit(func, *nxt[1])))
+                    window.append((nxt[0], submit(nxt[1])))
                 bar.update(sizes[pos])
                 yield result
         else:  # synchronous: in the driver, one task at a time

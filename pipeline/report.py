@@ -324,14 +324,26 @@ def write_layers(path: Path, layers: dict[str, pd.DataFrame],
 
             type_ids = shapely.get_type_id(np.asarray(frame.geometry.array))
             types = set(np.unique(type_ids[type_ids >= 0]).tolist())  # -1: missing
-            if not types <= {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}:
-                kwargs["geometry_type"] = "Unknown"
-            elif types:
-                kwargs["geometry_type"] = "MultiPolygon"
-                frame = frame.copy(deep=False)  # the columns are shared, not copied
-                frame["geometry"] = _to_multi(frame.geometry)
-            kwargs["promote_to_multi"] = False
+            polygonal = types <= {shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON}
+            frame, geometry_kwargs = _layer_geometry(frame, polygonal if types else None)
+            kwargs.update(geometry_kwargs)
         pyogrio.write_dataframe(frame, path, use_arrow=True, **kwargs)  # arrow: ~2x faster
+
+
+def _layer_geometry(frame: gpd.GeoDataFrame, polygonal: bool | None
+                    ) -> tuple[gpd.GeoDataFrame, dict]:
+    """A layer's frame and geometry options: polygons as MultiPolygon, else Unknown.
+
+    ``polygonal`` None (no geometry at all) leaves the type to GDAL.
+    """
+    kwargs: dict = {"promote_to_multi": False}
+    if polygonal is False:
+        kwargs["geometry_type"] = "Unknown"
+    elif polygonal:
+        kwargs["geometry_type"] = "MultiPolygon"
+        frame = frame.copy(deep=False)  # the columns are shared, not copied
+        frame["geometry"] = _to_multi(frame.geometry)
+    return frame, kwargs
 
 
 def _dataset_kwargs(dataset_metadata: dict[str, str] | None) -> dict:
@@ -369,7 +381,6 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     int
         Rows written.
     """
-    import pyarrow.parquet as pq
     import pyogrio
 
     from pipeline.deliverables import plan_buildings
@@ -384,12 +395,8 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     for k, group in enumerate(groups):
         part = read_partition(Path(src), group)
         part.index = pd.RangeIndex(rows, rows + len(part))
-        part = plan_buildings(part, *plan_args)
-        if polygonal:
-            part = part.copy(deep=False)
-            part["geometry"] = _to_multi(part.geometry)
-        kwargs: dict = {"layer": "buildings", "driver": "GPKG", "promote_to_multi": False,
-                        "geometry_type": "MultiPolygon" if polygonal else "Unknown"}
+        part, kwargs = _layer_geometry(plan_buildings(part, *plan_args), polygonal)
+        kwargs.update(layer="buildings", driver="GPKG")
         if k == 0:
             kwargs.update(layer_options=layer_options, **_dataset_kwargs(dataset_metadata))
         else:
@@ -465,7 +472,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                 {"DESCRIPTION": dv.LAYER_DESCRIPTIONS["buildings"]}, metadata_items(prov))
         try:
             result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
-                             tmp, streamed, steps, step)
+                             tmp, streamed, step)
         except BaseException:
             if streamed is not None:
                 streamed.cancel()
@@ -481,7 +488,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
 
 def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
             districts: gpd.GeoDataFrame, prov: dict, inputs: tuple, font: str,
-            tmp: dict[str, Path], streamed: Any, steps: dict, step: Any) -> dict:
+            tmp: dict[str, Path], streamed: Any, step: Any) -> dict:
     """The report stage's work, into the temporary output files of :func:`run`."""
     from pipeline import deliverables as dv
     from pipeline.provenance import metadata_items
