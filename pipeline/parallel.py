@@ -246,6 +246,21 @@ def n_workers() -> int:
     return int(_STATE.get("workers") or 1)
 
 
+def local_processes() -> bool:
+    """The run's workers are local processes (the ``processes`` scheduler).
+
+    Their results reach the driver through pipes; a stage may prefer to hand
+    large results over as files (:func:`pipeline.stream.map_file`).
+
+    Returns
+    -------
+    bool
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    return isinstance(_STATE.get("pool"), ProcessPoolExecutor)
+
+
 def submit_background(func: Callable[..., Any], *args: Any) -> Any:
     """Run ``func(*args)`` in another process of this machine while the driver goes on.
 

@@ -225,13 +225,28 @@ def copy_file(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+#: (path, device, inode, size, mtime) -> sha256, per process: a stage's outputs are hashed
+#: when it ends and again as the next stage's inputs (~1 s per GB each time)
+_SHA256_MEMO: dict[tuple, str] = {}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file's content (hex)."""
+    """The sha256 of a file's content (hex).
+
+    Remembered per process for a file that is unchanged since it was hashed
+    (same path, inode, size and modification time; files are replaced, not
+    rewritten in place, by :func:`pipeline.io.atomic_path`).
+    """
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _SHA256_MEMO:
+        return _SHA256_MEMO[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _SHA256_MEMO[key] = h.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 def _resolve(path: Path, base_dir: Path) -> Path:
@@ -796,7 +811,8 @@ class RunRecord:
                 continue
             with atomic_path(self.dir / name) as tmp:
                 copy_file(src, tmp)
-            self.manifest["outputs"][name] = sha256_file(self.dir / name)
+            # a copy of the published file: its sha256 (usually remembered from stage_done)
+            self.manifest["outputs"][name] = sha256_file(src)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Write the manifest; after a successful run with outputs, prune old runs."""

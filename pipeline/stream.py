@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,13 +104,35 @@ def read_partition(path: Path, row_groups: Sequence[int],
     return _from_arrow(table)
 
 
+#: PROJJSON text -> pyproj CRS, per process: parsing a CRS takes ~0.2 s, once per partition
+#: read it was ~5 % of a city run's CPU
+_CRS_CACHE: dict[str, Any] = {}
+
+
+def _cached_crs(crs: dict | str) -> Any:
+    """The pyproj CRS of a GeoParquet ``crs`` entry, parsed once per process."""
+    from geopandas.io.arrow import _remove_id_from_member_of_ensembles
+    from pyproj import CRS
+
+    key = json.dumps(crs, sort_keys=True)
+    if key not in _CRS_CACHE:
+        if isinstance(crs, dict):  # what geopandas does before parsing GeoParquet PROJJSON
+            _remove_id_from_member_of_ensembles(crs)
+        _CRS_CACHE[key] = CRS.from_user_input(crs)
+    return _CRS_CACHE[key]
+
+
 def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
     from geopandas.io.arrow import _arrow_to_geopandas
 
     geo = (table.schema.metadata or {}).get(b"geo")
     if geo is None or json.loads(geo)["primary_column"] not in table.column_names:
         return table.to_pandas()
-    return _arrow_to_geopandas(table, json.loads(geo))
+    meta = json.loads(geo)
+    for col in meta.get("columns", {}).values():
+        if col.get("crs") is not None:
+            col["crs"] = _cached_crs(col["crs"])
+    return _arrow_to_geopandas(table, meta)
 
 
 def to_arrow(frame: pd.DataFrame) -> pa.Table:
@@ -138,14 +162,39 @@ def _nulls_as_strings(schema: pa.Schema) -> pa.Schema:
 
 
 def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tuple,
-                   kwargs: dict, columns: Sequence[str] | None, geometry: str) -> pa.Table:
+                   kwargs: dict, columns: Sequence[str] | None, geometry: str,
+                   spill: str | None = None) -> pa.Table | str:
     """Worker side: read, run the kernel, encode.
 
     The kernels leave geometry unchanged, so the input's WKB column is put
     back on the output instead of encoding the geometry again; with
     ``geometry="skip"`` the kernel gets a plain DataFrame and the geometry
-    is never decoded.
+    is never decoded. With ``spill`` (a path) the table is written there as
+    an Arrow IPC file and the path returned instead (:func:`_unspill`).
     """
+    table = _partition_table(path, row_groups, kernel, args, kwargs, columns, geometry)
+    if spill is None:
+        return table
+    with pa.OSFile(spill, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return spill
+
+
+def _unspill(result: pa.Table | str) -> pa.Table:
+    """A partition's table from :func:`_run_partition`: memory-mapped if it was spilled.
+
+    The file is removed at once; the mapping keeps its pages until the table
+    is released.
+    """
+    if isinstance(result, pa.Table):
+        return result
+    table = pa.ipc.open_file(pa.memory_map(result, "r")).read_all()
+    Path(result).unlink()
+    return table
+
+
+def _partition_table(path: str, row_groups: list[int], kernel: Callable, args: tuple,
+                     kwargs: dict, columns: Sequence[str] | None, geometry: str) -> pa.Table:
     pf = pq.ParquetFile(path)
     table = pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
     geo = json.loads((table.schema.metadata or {}).get(b"geo", b"null"))
@@ -203,7 +252,10 @@ class GeoParquetWriter:
             self.schema = schema.with_metadata(meta)
             if not schema.equals(table.schema, check_metadata=False):
                 table = table.cast(self.schema)
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
+            # no dictionary pages: footprints, ids and measures are nearly all distinct, and
+            # dictionary encoding halved the driver's write speed (bench/run.py, 1M buildings)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy",
+                                           use_dictionary=False)
             self.geo = geo
         else:
             self._merge_geo(geo)
@@ -317,7 +369,7 @@ def map_file(
     """
     from pipeline import incremental
 
-    in_path = Path(in_path).resolve()
+    in_path, out_path = Path(in_path).resolve(), Path(out_path)
     rows_in = pq.ParquetFile(in_path).metadata.num_rows
     if incremental.active() is not None:
         # the partition cache of scheduled reruns keys whole-frame partitions by district
@@ -332,10 +384,25 @@ def map_file(
         tables: Iterator[pa.Table] = iter([to_arrow(kernel(empty, *args, **kwargs))])
     else:
         sizes = _partition_rows(in_path, parts)
-        tables = parallel.map_tasks(
-            _run_partition,
-            [(str(in_path), p, kernel, args, kwargs, columns, geometry) for p in parts],
-            label=label, sizes=sizes)
+        spill_dir = None
+        if parallel.local_processes():
+            # process workers hand their tables over as files the driver memory-maps: a
+            # pipe copies and pickles every byte twice (~10 s of a city run's driver time)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            spill_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.stem}_spill_",
+                                              dir=out_path.parent))
+        try:
+            results = parallel.map_tasks(
+                _run_partition,
+                [(str(in_path), p, kernel, args, kwargs, columns, geometry,
+                  None if spill_dir is None else str(spill_dir / f"{k:06d}.arrow"))
+                 for k, p in enumerate(parts)],
+                label=label, sizes=sizes)
+            rows_out, summary = write_tables(map(_unspill, results), out_path, keep)
+        finally:
+            if spill_dir is not None:
+                shutil.rmtree(spill_dir, ignore_errors=True)
+        return rows_in, rows_out, summary
     rows_out, summary = write_tables(tables, out_path, keep)
     return rows_in, rows_out, summary
 

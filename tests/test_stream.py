@@ -91,7 +91,7 @@ def test_row_groups_become_partitions_and_geo_metadata_covers_all(tmp_path):
     assert back.crs == gdf.crs and back.geom_equals_exact(gdf.geometry, 0).all()
 
 
-@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads", "processes"])
 def test_map_file_equals_the_kernel_on_the_whole_frame(tmp_path, scheduler):
     gdf = buildings()
     write_row_groups(gdf, tmp_path / "in.parquet", 7)
@@ -105,6 +105,8 @@ def test_map_file_equals_the_kernel_on_the_whole_frame(tmp_path, scheduler):
     assert kept["area_x2_m2"].tolist() == expected["area_x2_m2"].tolist()
     assert got.geom_equals_exact(gdf.geometry, 0).all()
     assert list(got["building_id"]) == list(gdf["building_id"])
+    # process workers hand their partitions over as files: none is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.parquet"]
 
 
 def test_spatial_keys_are_comparable_across_chunks():
