@@ -316,22 +316,24 @@ def inset_areas(geoms: np.ndarray, setback_m: np.ndarray, width_m: float
     area ``A - P d + d^2 sum(tan(t_i / 2))`` (``A`` area, ``P`` perimeter,
     ``t_i`` the signed turn at vertex ``i``, positive at convex corners).
     That is what ``shapely.buffer(g, -d, join_style="mitre",
-    mitre_limit=5)`` computes, up to float noise, where GEOS does nothing
-    else, and the closed form is used only where that is certain:
+    mitre_limit=5)`` computes where GEOS does nothing else, and the closed
+    form is used only where that holds:
 
-    - a polygon without holes whose turns sum to 360 deg, each turn above
-      0.01 rad in size (GEOS joins nearly straight corners differently);
-    - no vertex within 2% of the erosion distance ``e = d + w / 2`` of the
-      chord of its neighbours (GEOS simplifies buffer input within 1%);
+    - a polygon without holes whose turns sum to 360 deg;
     - no reflex turn sharper than :data:`_MITRE_SAFE_TURN_DEG` (mitre
       limit of the inward offset), and with ``w > 0`` no convex one either
       (mitre limit of the dilation);
-    - every edge keeps a length above 1% of ``e`` at ``e``;
+    - every edge keeps a length above 1% of ``e = d + w / 2`` at ``e``;
     - rings with a reflex corner: at most
-      :data:`_MAX_REFLEX_RING_VERTICES` vertices, the moved rings at ``d``
-      and ``e`` are simple (no two non-adjacent edges meet), and the moved
-      ring at ``e`` has no reflex corner within 2% of ``w / 2`` of its
-      neighbours' chord.
+      :data:`_MAX_REFLEX_RING_VERTICES` vertices, and the moved rings at
+      ``d`` and ``e`` are simple (no two non-adjacent edges meet).
+
+    GEOS also drops nearly straight corners of its input (within 1% of the
+    distance of their neighbours' chord) and joins them with a single
+    point; the closed form keeps them exactly. The two agree within 1e-6 of
+    the area: on the sample footprints with a vertex pushed up to 8 cm off
+    every other edge (3,480 rings, 15 setback and width pairs) the largest
+    difference was 1.6e-7 (``tests/test_roof.py``).
 
     The footprints must be valid (ingest repairs invalid ones; overlay
     results such as the roof planes are valid).
@@ -397,10 +399,7 @@ def inset_areas(geoms: np.ndarray, setback_m: np.ndarray, width_m: float
     limit = np.radians(_MITRE_SAFE_TURN_DEG)
     with np.errstate(divide="ignore", invalid="ignore"):
         half_tan = cross / (length[prv] * length + dot)  # tan(turn / 2)
-        cx, cy = x[nxt] - x[prv], y[nxt] - y[prv]
-        dev = np.abs(cx * (y - y[prv]) - cy * (x - x[prv])) / np.hypot(cx, cy)
-        bad = ((np.abs(turn) <= 0.01) | ~(dev >= 0.02 * ev) | (turn < -limit)
-               | ~(length - ev * (half_tan + half_tan[nxt]) > 0.01 * ev))
+        bad = (turn < -limit) | ~(length - ev * (half_tan + half_tan[nxt]) > 0.01 * ev)
     if r > 0:
         bad |= turn > limit
     ok = (np.bincount(idx, bad, minlength=len(pos)) == 0) & (m >= 3)
@@ -429,15 +428,6 @@ def inset_areas(geoms: np.ndarray, setback_m: np.ndarray, width_m: float
         for dist in (d, e):
             dv = dist[idx][rv]
             simple &= _rings_simple(x[rv] + dv * mx[rv], y[rv] + dv * my[rv], sub_start, sub_m)
-        if r > 0:
-            # GEOS simplifies the dilation's input (the ring moved to e) at its reflex corners
-            qx, qy = x + ev * mx, y + ev * my
-            with np.errstate(divide="ignore", invalid="ignore"):
-                qcx, qcy = qx[nxt] - qx[prv], qy[nxt] - qy[prv]
-                qdev = (np.abs(qcx * (qy - qy[prv]) - qcy * (qx - qx[prv]))
-                        / np.hypot(qcx, qcy))
-            shallow = rv & (turn < 0) & ~(qdev >= 0.02 * r)
-            simple &= np.bincount(idx, shallow, minlength=len(pos))[sub] == 0
         ok[sub[~simple]] = False
     inside[pos[ok]] = area_d[ok]
     exact[pos[ok]] = True
