@@ -58,6 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from pipeline import parallel
 from pipeline.attributes import check_attribute_ranges, clean_text, join_notes, parse_numbers
 from pipeline.columns import map_unique, records_json
 from pipeline.config import (
@@ -356,7 +357,8 @@ def normalise_footprints(
     reason[missing] = "null or empty geometry"
     geom = np.where(missing, None, geom)
     had_z = ~missing & shapely.has_z(geom)
-    geom = shapely.force_2d(geom)
+    if had_z.any():
+        geom = shapely.force_2d(geom)
     gtype = pd.Series(shapely.get_type_id(geom)).map(_GEOM_TYPE_NAMES).fillna("")
     gtype = gtype.to_numpy(dtype=object)
     is_point = np.isin(gtype, ("Point", "MultiPoint"))
@@ -576,13 +578,12 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
                              src.name, districts, cfg.ingest.crs_check_margin_m)
         rows_kept, dup_rejected, counts = merge_spills(
             results, out_dir / "ingest_buildings.parquet", cfg.ingest,
-            [s.name for s in cfg.sources])
+            [s.name for s in cfg.sources], spill_dir)
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
     def gather(frames: list[pd.DataFrame]) -> gpd.GeoDataFrame:
-        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
-                                crs=cfg.working_crs)
+        return concat_frames(frames, cfg.working_crs)
 
     areas = gather([r["areas"] for r in results])
     pois = gather([r["pois"] for r in results])
@@ -897,7 +898,7 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
         ``areas``, ``pois`` and ``rejected`` rows as GeoDataFrames.
     """
     from pipeline.coords import _points, _share_near
-    from pipeline.stream import spatial_keys, to_arrow
+    from pipeline.stream import spatial_keys, to_arrow, write_arrow_file
 
     canonical, attributes = read_chunk(src, chunk)
     canonical = canonical.reset_index(drop=True)
@@ -929,8 +930,7 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     keys = spatial_keys(kept.geometry.to_numpy(), bounds)
     order = np.argsort(keys, kind="stable")
     table = to_arrow(kept.iloc[order].reset_index(drop=True))
-    with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    write_arrow_file(table, spill_path)
     areas = norm[norm["role"].eq("area")][["building_id", "source", "source_id",
                                            *ATTRIBUTE_COLUMNS, "geometry"]]
     pois = norm[norm["role"].eq("poi")][["building_id", "source", "source_id",
@@ -950,8 +950,8 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     }
 
 
-def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_order: list[str]
-                 ) -> tuple[int, gpd.GeoDataFrame, dict]:
+def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_order: list[str],
+                 spill_dir: Path | None = None) -> tuple[int, gpd.GeoDataFrame, dict]:
     """Merge the chunks' sorted spills into one spatially sorted GeoParquet.
 
     Partition boundaries are quantiles of all Hilbert keys, so partitions
@@ -970,6 +970,9 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
         Duplicate thresholds.
     source_order : list of str
         Source names, most trusted first.
+    spill_dir : Path, optional
+        With process workers, the merged partitions are handed over as
+        Arrow files in this folder (:func:`pipeline.stream.unspill`).
 
     Returns
     -------
@@ -977,7 +980,7 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
         Rows written, the rejected duplicates (GeoDataFrame) and the GCJ-02
         counts ``{(a, b): (as_read, converted)}``.
     """
-    from pipeline.stream import write_tables
+    from pipeline.stream import unspill, write_tables
 
     keys = [r["keys"] for r in results]
     all_keys = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
@@ -994,8 +997,10 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
         if slices or not tasks:
             if not slices and results:  # no building at all: an empty table with the schema
                 slices = [(results[0]["spill"], 0, 0, keys[0][:0])]
+            spill = (str(spill_dir / f"merged_{len(tasks):06d}.arrow")
+                     if spill_dir is not None and parallel.local_processes() else None)
             tasks.append((slices, icfg.dedup_min_overlap_share, icfg.dedup_min_area_ratio,
-                          source_order))
+                          source_order, spill))
     dups: list[gpd.GeoDataFrame] = []
     counts: dict[tuple[str, str], tuple[int, int]] = {}
 
@@ -1006,17 +1011,17 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
             for pair, (x, y) in gcj.items():
                 old = counts.get(pair, (0, 0))
                 counts[pair] = (old[0] + x, old[1] + y)
-            yield table
+            yield unspill(table)
 
     rows, _ = write_tables(tables(), out)
-    dup_frame = (pd.concat(dups, ignore_index=True) if dups else
+    dup_frame = (concat_frames(dups, None) if dups else
                  pd.DataFrame(columns=["stage", *REJECTED_COLUMNS]))
     return rows, dup_frame, counts
 
 
 def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_share: float,
-                    min_area_ratio: float, source_order: list[str]
-                    ) -> tuple[pa.Table, gpd.GeoDataFrame, dict]:
+                    min_area_ratio: float, source_order: list[str], spill: str | None = None
+                    ) -> tuple[pa.Table | str, gpd.GeoDataFrame, dict]:
     """One partition of ``ingest_buildings``: gather, sort, drop duplicates (a task).
 
     Parameters
@@ -1027,15 +1032,17 @@ def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_
         Duplicate thresholds [-] (:func:`pipeline.dedup.find_duplicates`).
     source_order : list of str
         Source names, most trusted first.
+    spill : str, optional
+        Write the table to this Arrow file and return its path instead.
 
     Returns
     -------
     tuple
         The partition as an Arrow table sorted by Hilbert key, without
-        duplicates; the duplicates as rejected rows; GCJ-02 evidence counts
-        by ordered pair of sources.
+        duplicates (or the file it was written to); the duplicates as
+        rejected rows; GCJ-02 evidence counts by ordered pair of sources.
     """
-    from pipeline.stream import _from_arrow
+    from pipeline.stream import _from_arrow, write_arrow_file
 
     parts = []
     for path, a, b, _ in slices:
@@ -1062,6 +1069,9 @@ def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_
         keep = np.ones(len(frame), dtype=bool)
         keep[frame.index.get_indexer(dups.index)] = False
         table = table.filter(pa.array(keep))
+    if spill is not None:
+        write_arrow_file(table, spill)
+        return spill, rejected, counts
     return table, rejected, counts
 
 
@@ -1170,8 +1180,35 @@ def _log_duplicates(dups: pd.DataFrame) -> None:
 def _unique_ids(source: str, source_id: pd.Series) -> np.ndarray:
     """``<source>:<source_id>``, with ``#n`` appended to repeated ids."""
     base = (source + ":" + source_id.fillna("row").astype(str)).to_numpy(dtype=object)
-    dup_rank = pd.Series(base).groupby(base).cumcount().to_numpy()
+    repeated = pd.Series(base).duplicated(keep=False).to_numpy()
+    if not repeated.any():  # the usual case; ranking 1M ids takes seconds
+        return base
+    dup_rank = np.zeros(len(base), dtype=np.int64)
+    dup_rank[repeated] = pd.Series(base[repeated]).groupby(base[repeated]).cumcount().to_numpy()
     return np.where(dup_rank > 0, base + "#" + dup_rank.astype(str), base)
+
+
+def concat_frames(frames: list[pd.DataFrame], crs: str | None) -> gpd.GeoDataFrame:
+    """Stack the partitions' GeoDataFrames (one ``geometry`` column) into one.
+
+    The geometries are stacked as plain arrays and the CRS set once: pandas
+    would compare the CRS of every pair of partitions (~15 ms each).
+
+    Parameters
+    ----------
+    frames : list of GeoDataFrame
+        Partitions with the same columns.
+    crs : str, optional
+        CRS of the result (default: the first frame's).
+
+    Returns
+    -------
+    GeoDataFrame
+    """
+    crs = crs if crs is not None else getattr(frames[0], "crs", None)
+    plain = [pd.DataFrame(f).assign(geometry=np.asarray(f["geometry"].array, dtype=object))
+             for f in frames]
+    return gpd.GeoDataFrame(pd.concat(plain, ignore_index=True), geometry="geometry", crs=crs)
 
 
 def _write_json_atomic(obj: object, path: Path) -> None:

@@ -170,17 +170,22 @@ def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tup
     back on the output instead of encoding the geometry again; with
     ``geometry="skip"`` the kernel gets a plain DataFrame and the geometry
     is never decoded. With ``spill`` (a path) the table is written there as
-    an Arrow IPC file and the path returned instead (:func:`_unspill`).
+    an Arrow IPC file and the path returned instead (:func:`unspill`).
     """
     table = _partition_table(path, row_groups, kernel, args, kwargs, columns, geometry)
     if spill is None:
         return table
-    with pa.OSFile(spill, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    write_arrow_file(table, spill)
     return spill
 
 
-def _unspill(result: pa.Table | str) -> pa.Table:
+def write_arrow_file(table: pa.Table, path: str | Path) -> None:
+    """Write a table as an Arrow IPC file (uncompressed: to be memory-mapped)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def unspill(result: pa.Table | str) -> pa.Table:
     """A partition's table from :func:`_run_partition`: memory-mapped if it was spilled.
 
     The file is removed at once; the mapping keeps its pages until the table
@@ -398,7 +403,7 @@ def map_file(
                   None if spill_dir is None else str(spill_dir / f"{k:06d}.arrow"))
                  for k, p in enumerate(parts)],
                 label=label, sizes=sizes)
-            rows_out, summary = write_tables(map(_unspill, results), out_path, keep)
+            rows_out, summary = write_tables(map(unspill, results), out_path, keep)
         finally:
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)

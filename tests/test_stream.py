@@ -142,10 +142,13 @@ def chunked_source(tmp_path):
     return load_config(cfg), tmp_path
 
 
-def test_chunked_ingest_accounts_for_every_row_and_sorts_spatially(chunked_source):
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_chunked_ingest_accounts_for_every_row_and_sorts_spatially(chunked_source, scheduler):
     cfg, tmp = chunked_source
-    with scheduler_context("threads", n_workers=2, rows_per_partition=10):
+    with scheduler_context(scheduler, n_workers=2, rows_per_partition=10):
         acc = ingest.run(cfg, tmp)
+    # process workers hand the merged partitions over as files: none is left behind
+    assert sorted(p.name for p in (tmp / "processed").iterdir() if p.name.startswith(".")) == []
     assert acc["t"]["read"] == 25 and acc["t"]["kept"] == 23 and acc["t"]["rejected"] == 2
     kept = gpd.read_parquet(tmp / "processed/ingest_buildings.parquet")
     rejected = gpd.read_parquet(tmp / "processed/ingest_rejected.parquet")
