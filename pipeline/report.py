@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from datetime import UTC, datetime
@@ -470,9 +471,11 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                 write_buildings_layer, str(src), str(tmp["rooftop_pv.gpkg"]),
                 dv.building_plan_args(cfg, *inputs),
                 {"DESCRIPTION": dv.LAYER_DESCRIPTIONS["buildings"]}, metadata_items(prov))
-        if background and inputs[0] is None:
+        if (background and all(x is None for x in inputs)
+                and available_cores() >= cfg.report.changes_process_min_cores):
             # and the buildings are compared with the previous run's; not with existing PV,
-            # whose roofs' capacities the plan computes partition by partition
+            # whose roofs' capacities the plan computes partition by partition, nor with towns,
+            # whose partitions would wait for the workers
             compared = parallel.submit_background(changes.building_changes_from_file,
                                                   *changes.building_changes_args(cfg, src))
         try:
@@ -575,6 +578,13 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
                        len(rejected))}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 #: Yield-stage columns that only the ``buildings`` layer shows: no summary, table, chart or

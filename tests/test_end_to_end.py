@@ -158,7 +158,7 @@ def report_project(base: Path, sample: Path, epw: Path, processed: Path) -> Path
 
 
 def report_config(base: Path, name: str, plan: dict | None = None) -> str:
-    """The sample config with two workers, the buildings layer always streamed when they run.
+    """The sample config with two workers, the second processes always started when they run.
 
     The ``cbdc`` buildings are keyed by their footprints across runs (as
     sources without ids are).
@@ -171,6 +171,7 @@ def report_config(base: Path, name: str, plan: dict | None = None) -> str:
             source["id_field"] = None
     raw["dask"]["n_workers"] = 2
     raw["report"]["geopackage_process_min_buildings"] = 0
+    raw["report"]["changes_process_min_cores"] = 1
     raw["plan"].update(plan or {})
     (base / name).write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return name
