@@ -589,8 +589,9 @@ def available_cores() -> int:
 
 #: Yield-stage columns that only the ``buildings`` layer shows: no summary, table, chart or
 #: other layer of the report reads them, so the driver does not read them when a second
-#: process writes that layer (:func:`write_buildings_layer`; at 1M buildings the read takes
-#: 3 s instead of 10 s). ``tests/test_end_to_end.py`` checks that the outputs stay the same.
+#: process writes that layer (:func:`write_buildings_layer`; at 1M buildings 39 of 74 columns,
+#: read in ~2 s instead of 4-5 s, and ~0.3 GB less memory). ``tests/test_end_to_end.py`` checks
+#: that the outputs stay the same.
 BUILDINGS_LAYER_ONLY_COLUMNS = (
     "source_id", "district_adcode", "name_en", "tag_building", "tag_amenity", "tag_office",
     "tag_landuse", "tag_government", "tag_industrial", "tag_building_use", "tag_shop",
