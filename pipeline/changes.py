@@ -49,6 +49,7 @@ verdict_flipped                      -       a target or rule verdict changed
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -68,6 +69,9 @@ CAPACITY_TOLERANCE_KWP = 1e-6
 #: normalised WKB after ``shapely.set_precision``, snapshots without the column;
 #: 2: hash of the snapped edges).
 GEOMETRY_KEY_VERSION = 2
+#: Columns of the yield stage's buildings that :func:`snapshot` reads.
+SNAPSHOT_INPUT_COLUMNS = ("building_id", "source", "district_name", "building_type",
+                          "capacity_kwp", "energy_mwh_per_year", "geometry")
 SNAPSHOT_COLUMNS = ("building_key", "building_id", "source", "district_name", "building_type",
                     "capacity_kwp", "energy_mwh_per_year", "geometry_key", "geometry_key_version")
 CHANGE_COLUMNS = ("building_key", "building_id", "change", "changed_fields", "district_name",
@@ -253,22 +257,21 @@ def rekey(snap: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def snapshot(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> gpd.GeoDataFrame:
+def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str]) -> gpd.GeoDataFrame:
     """What the next run compares against: identity, type, capacity, footprint.
 
     Parameters
     ----------
     buildings : GeoDataFrame
-        The yield stage's buildings.
-    cfg : PipelineConfig
-        The configuration (which sources have ids).
+        The yield stage's buildings (at least :data:`SNAPSHOT_INPUT_COLUMNS`).
+    no_id : set of str
+        The sources without ids (:func:`sources_without_id`).
 
     Returns
     -------
     GeoDataFrame
         :data:`SNAPSHOT_COLUMNS` and the geometry.
     """
-    no_id = {s.name for s in cfg.sources if s.id_field is None}
     gk = geometry_keys(buildings.geometry)
     out = gpd.GeoDataFrame({
         "building_key": building_keys(buildings, no_id, gk),
@@ -283,6 +286,11 @@ def snapshot(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> gpd.GeoDataFra
         "geometry_key_version": np.full(len(buildings), GEOMETRY_KEY_VERSION, dtype="int16"),
     }, geometry=buildings.geometry.to_numpy(), crs=buildings.crs)
     return out
+
+
+def sources_without_id(cfg: PipelineConfig) -> set[str]:
+    """Sources whose ids are row numbers (no ``id_field``): keyed by their footprints."""
+    return {s.name for s in cfg.sources if s.id_field is None}
 
 
 def district_snapshot(dlayer: pd.DataFrame) -> pd.DataFrame:
@@ -356,15 +364,34 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     return gpd.GeoDataFrame(out, geometry="geometry", crs=current.crs)
 
 
-def district_deltas(previous: pd.DataFrame, current: pd.DataFrame, changes: pd.DataFrame,
+def district_sums(snap: pd.DataFrame) -> pd.DataFrame:
+    """Capacity [kWp] and energy [MWh/yr] of a building snapshot per district.
+
+    Parameters
+    ----------
+    snap : DataFrame
+        Output of :func:`snapshot`.
+
+    Returns
+    -------
+    DataFrame
+        Index ``district_name`` (missing names kept); ``capacity_kwp`` [kWp],
+        ``energy`` [MWh/yr].
+    """
+    return snap.groupby("district_name", dropna=False).agg(
+        capacity_kwp=("capacity_kwp", "sum"), energy=("energy_mwh_per_year", "sum"))
+
+
+def district_deltas(ps: pd.DataFrame, cs: pd.DataFrame, changes: pd.DataFrame,
                     previous_districts: pd.DataFrame, current_districts: pd.DataFrame
                     ) -> pd.DataFrame:
     """Per-district counts, capacity and energy deltas, and flipped verdicts.
 
     Parameters
     ----------
-    previous, current : DataFrame
-        Building snapshots (:func:`snapshot`).
+    ps, cs : DataFrame
+        :func:`district_sums` of the previous and of this run's building
+        snapshot (:func:`snapshot`).
     changes : DataFrame
         Output of :func:`compare`.
     previous_districts, current_districts : DataFrame
@@ -376,11 +403,6 @@ def district_deltas(previous: pd.DataFrame, current: pd.DataFrame, changes: pd.D
         :data:`DISTRICT_COLUMNS`, one row per district of either run that has
         buildings or changes; capacity deltas are [kWp], energy [MWh/yr].
     """
-    def sums(snap: pd.DataFrame) -> pd.DataFrame:
-        return snap.groupby("district_name", dropna=False).agg(
-            capacity_kwp=("capacity_kwp", "sum"), energy=("energy_mwh_per_year", "sum"))
-
-    ps, cs = sums(previous), sums(current)
     names = sorted({*ps.index.dropna(), *cs.index.dropna(),
                     *changes["district_name"].dropna()}, key=str)
     counts = changes.groupby(["district_name", "change"]).size().unstack(fill_value=0)
@@ -499,21 +521,137 @@ def run_provenance() -> dict[str, str]:
             "previous_run_id": record.previous_dir.name if record.previous_dir else ""}
 
 
-def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.DataFrame
-                   ) -> tuple[dict[str, pd.DataFrame], str]:
-    """The report stage's hook: layers ``changes``, ``changes_districts``, ``run``.
+@dataclass
+class BuildingChanges:
+    """The building part of the change report: what :func:`report_changes` needs of it.
 
-    Compares with the previous run that wrote outputs and stores this run's
-    snapshot in its run folder (only inside a run, see :mod:`pipeline.runs`).
+    Attributes
+    ----------
+    changes : GeoDataFrame
+        Output of :func:`compare` (the empty table on a first run).
+    sums_previous, sums_current : DataFrame
+        :func:`district_sums` of the previous run's and of this run's building
+        snapshot (this run's for both on a first run).
+    previous_districts : DataFrame or None
+        The previous run's :func:`district_snapshot`; None on a first run.
+    """
+
+    changes: gpd.GeoDataFrame
+    sums_previous: pd.DataFrame
+    sums_current: pd.DataFrame
+    previous_districts: pd.DataFrame | None
+
+
+def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
+                     run_dir: Path | None) -> BuildingChanges:
+    """Compare this run's building snapshot with the previous run's and store it.
+
+    Parameters
+    ----------
+    current : GeoDataFrame
+        This run's :func:`snapshot`.
+    previous_dir : Path or None
+        Folder of the previous run that wrote outputs (None: first run).
+    run_dir : Path or None
+        This run's folder, where the snapshot is written (atomically; None:
+        not in a run, nothing written).
+
+    Returns
+    -------
+    BuildingChanges
+    """
+    from pipeline.io import write_parquet_atomic
+    from pipeline.runs import SNAPSHOT_BUILDINGS
+
+    prev = load_previous(previous_dir)
+    if prev is None:
+        # a first run has nothing to compare: the empty table of the same columns and types
+        previous, prev_d = current, None
+        changes = compare(current.iloc[:0], current.iloc[:0])
+    else:
+        previous, prev_d = prev
+        previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
+        changes = compare(previous, current)
+    if run_dir is not None:
+        write_parquet_atomic(current, run_dir / SNAPSHOT_BUILDINGS)
+    return BuildingChanges(changes, district_sums(previous), district_sums(current), prev_d)
+
+
+def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | None,
+                               run_dir: str | None) -> BuildingChanges:
+    """Background task: :func:`building_changes` of the yield stage's file, read here.
+
+    Runs in a second process (:func:`pipeline.parallel.submit_background`)
+    while the report stage computes the plan; it reads only
+    :data:`SNAPSHOT_INPUT_COLUMNS`. The report's buildings must be the yield
+    stage's in these columns (no existing PV taken off their capacity).
+
+    Parameters
+    ----------
+    src : str
+        ``yield_buildings.parquet``.
+    no_id : list of str
+        Sources without ids (:func:`sources_without_id`).
+    previous_dir, run_dir : str or None
+        As :func:`building_changes` (:func:`run_dirs`).
+
+    Returns
+    -------
+    BuildingChanges
+    """
+    buildings = gpd.read_parquet(src, columns=list(SNAPSHOT_INPUT_COLUMNS))
+    return building_changes(snapshot(buildings, set(no_id)),
+                            Path(previous_dir) if previous_dir else None,
+                            Path(run_dir) if run_dir else None)
+
+
+def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:
+    """Arguments of :func:`building_changes_from_file` in the run in progress.
+
+    Plain values: the run record (:func:`pipeline.runs.current`) is the
+    driver's, not the second process's.
 
     Parameters
     ----------
     cfg : PipelineConfig
         The configuration.
-    buildings : GeoDataFrame
-        The yield stage's buildings.
+    src : Path
+        ``yield_buildings.parquet``.
+
+    Returns
+    -------
+    tuple
+        ``(src, no_id, previous_dir, run_dir)`` as str (None where absent).
+    """
+    return (str(src), sorted(sources_without_id(cfg)),
+            *(str(d) if d is not None else None for d in run_dirs()))
+
+
+def run_dirs() -> tuple[Path | None, Path | None]:
+    """The previous output run's folder and this run's (both None outside a run)."""
+    from pipeline import runs
+
+    record = runs.current()
+    if record is None:
+        return None, None
+    return record.previous_dir, record.dir
+
+
+def report_changes(dlayer: pd.DataFrame, part: BuildingChanges
+                   ) -> tuple[dict[str, pd.DataFrame], str]:
+    """The report stage's hook: layers ``changes``, ``changes_districts``, ``run``.
+
+    Adds the districts to the building part (:func:`building_changes`): the
+    district deltas and verdicts, this run's district snapshot (in its run
+    folder, only inside a run, see :mod:`pipeline.runs`), the ``run`` layer
+    and the manifest's ``changes`` entry.
+
+    Parameters
+    ----------
     dlayer : DataFrame
         The district layer with its verdicts.
+    part : BuildingChanges
+        The comparison of the buildings with the previous run's.
 
     Returns
     -------
@@ -525,27 +663,17 @@ def report_changes(cfg: PipelineConfig, buildings: gpd.GeoDataFrame, dlayer: pd.
     from pipeline import runs
 
     record = runs.current()
-    current = snapshot(buildings, cfg)
     cur_d = district_snapshot(dlayer)
-    prev = load_previous(record.previous_dir if record else None)
-    if prev is None:
-        previous, prev_d, prev_id = current.iloc[:0], cur_d.iloc[:0], None
-    else:
-        previous, prev_d = prev
-        previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
-        prev_id = record.previous_dir.name
-    # a first run has nothing to compare: the empty table of the same columns and types
-    changes = (compare(previous, current) if prev is not None
-               else compare(current.iloc[:0], current.iloc[:0]))
-    deltas = district_deltas(previous if prev is not None else current, current, changes,
-                             prev_d if prev is not None else cur_d, cur_d)
+    first = part.previous_districts is None
+    prev_d = cur_d if first else part.previous_districts
+    prev_id = None if first else record.previous_dir.name
+    changes = part.changes
+    deltas = district_deltas(part.sums_previous, part.sums_current, changes, prev_d, cur_d)
     layers: dict[str, pd.DataFrame] = {"changes": changes, "changes_districts": deltas}
     run_id = record.run_id if record else None
     if record is not None:
         from pipeline.io import write_parquet_atomic
 
-        record.dir.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(current, record.dir / runs.SNAPSHOT_BUILDINGS)
         write_parquet_atomic(cur_d, record.dir / runs.SNAPSHOT_DISTRICTS)
         m = record.manifest
         layers["run"] = pd.DataFrame([{

@@ -205,6 +205,7 @@ class ReportConfig(_Model):
     coverage_caveat: str
     cjk_font_files: list[Path] = Field(min_length=1)
     geopackage_process_min_buildings: int = Field(default=100_000, ge=0)
+    changes_process_min_cores: int = Field(default=3, ge=1)
 
 
 class PipelineConfig(_Model):

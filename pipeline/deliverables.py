@@ -204,7 +204,8 @@ def _no_systems() -> pd.DataFrame:
                          "pv_capacity_kwp": pd.Series(dtype=float)})
 
 
-def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int) -> tuple[dict, dict]:
+def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int,
+                      fields: dict[str, list[str]] | None = None) -> tuple[dict, dict]:
     """Add the ``layer_styles`` table and the layer descriptions.
 
     Parameters
@@ -213,6 +214,10 @@ def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int) -> tupl
         Layer name to (Geo)DataFrame, as written.
     label_top_n : int
         Ranked roofs labelled with their rank in QGIS.
+    fields : dict, optional
+        Layer name to the fields of the layer as written, for a frame that
+        holds only some of them (the ``buildings`` layer that another process
+        writes, :func:`pipeline.report.write_buildings_layer`).
 
     Returns
     -------
@@ -229,6 +234,8 @@ def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int) -> tupl
     entries = {}
     for name, frame in layers.items():
         cols = [c for c in frame.columns if c != "geometry"]
+        if fields and name in fields:
+            cols = list(fields[name])
         spatial = isinstance(frame, gpd.GeoDataFrame)
         make = qml.get(name, lambda c, f: styles.table_qml(c))
         entries[name] = ("geom" if spatial else "", make(cols, frame))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
+from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
@@ -139,3 +143,216 @@ def test_planner_deliverables(threaded):
     assert "浦东新区" in page and "covers only part of each district" in page
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Path to each target" in report and "plan.grid_emission_factor" in report
+
+
+# --------------------------------------------------------------------------- report processes
+#: Times that differ between two runs of the same inputs (manifest, provenance, styles).
+TIMES = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d| UTC)?")
+
+
+def report_project(base: Path, sample: Path, epw: Path, processed: Path) -> Path:
+    """A project whose yield stage is done (the sample's), for report-stage runs."""
+    make_base(base, sample, epw)
+    shutil.copytree(processed, base / "data/processed", ignore=shutil.ignore_patterns("cache"))
+    return base
+
+
+def report_config(base: Path, name: str, plan: dict | None = None) -> str:
+    """The sample config with two workers, the second processes always started when they run.
+
+    The ``cbdc`` buildings are keyed by their footprints across runs (as
+    sources without ids are).
+    """
+    import yaml
+
+    raw = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+    for source in raw["sources"]:
+        if source["name"] == "cbdc":
+            source["id_field"] = None
+    raw["dask"]["n_workers"] = 2
+    raw["report"]["geopackage_process_min_buildings"] = 0
+    raw["report"]["changes_process_min_cores"] = 1
+    raw["plan"].update(plan or {})
+    (base / name).write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return name
+
+
+def edit_buildings(proc: Path) -> None:
+    """Buildings removed, added and changed (type, capacity, footprint) since the last run."""
+    import numpy as np
+    import shapely
+
+    b = gpd.read_parquet(proc / "yield_buildings.parquet")
+    acc = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
+    for src in b["source"].iloc[:3]:  # removed
+        acc[src]["read"] -= 1
+        acc[src]["kept"] -= 1
+    b = b.iloc[3:].reset_index(drop=True)
+    b.loc[[0, 1], "building_type"] = ["school" if t != "school" else "factory"
+                                      for t in b.loc[[0, 1], "building_type"]]
+    roofs = b.index[b["capacity_kwp"] > 0][:2]
+    b.loc[roofs, "capacity_kwp"] = b.loc[roofs, "capacity_kwp"] * 1.5
+    b.loc[[4], "geometry"] = shapely.transform(b.geometry.iloc[[4]].to_numpy(), lambda c: c + 5)
+    cbdc = b.index[b["source"] == "cbdc"]  # keyed by footprint: removed and added
+    b.loc[cbdc[:1], "geometry"] = shapely.transform(b.geometry[cbdc[:1]].to_numpy(),
+                                                    lambda c: c + 7)
+    new = b.loc[[5, cbdc[1]]].copy()  # a new id, and a repeated footprint
+    new["building_id"] = new["building_id"] + "-new"
+    new.loc[[5], "geometry"] = shapely.transform(new.geometry[[5]].to_numpy(), lambda c: c + 30)
+    for src in new["source"]:
+        acc[src]["read"] += 1
+        acc[src]["kept"] += 1
+    b = gpd.GeoDataFrame(pd.concat([b, new], ignore_index=True), crs=b.crs)
+    assert np.isfinite(b["capacity_kwp"]).all()
+    b.to_parquet(proc / "yield_buildings.parquet", index=False)
+    (proc / "ingest_accounting.json").write_text(json.dumps(acc), encoding="utf-8")
+
+
+def plan_files(proc: Path, out: Path, district: str) -> dict:
+    """Existing PV on three roofs and two towns in ``district``; the ``plan`` config keys.
+
+    The files are written to ``out``, to be copied to ``data/raw/plan`` of a project.
+    """
+    from shapely.geometry import box
+
+    b = gpd.read_parquet(proc / "yield_buildings.parquet")
+    sel = b[(b["district_name"] == district) & (b["capacity_kwp"] > 0)].iloc[:3]
+    c = sel.geometry.centroid
+    out.mkdir(parents=True)
+    gpd.GeoDataFrame({"id": ["p1", "p2", "p3"], "kwp": [20.0, 15.0, 30.0],
+                      "year": [2024, 2024, 2023]},
+                     geometry=[c.iloc[0].buffer(3.0, cap_style="square"), c.iloc[1],
+                               sel.geometry.iloc[2]], crs=b.crs).to_file(out / "pv.gpkg")
+    x0, y0, x1, y1 = b[b["district_name"] == district].total_bounds
+    xm = float(c.x.median())
+    gpd.GeoDataFrame({"name": ["west", "east"], "district": [district, district]},
+                     geometry=[box(x0 - 1, y0 - 1, xm, y1 + 1), box(xm, y0 - 1, x1 + 1, y1 + 1)],
+                     crs=b.crs).to_file(out / "towns.gpkg")
+    return {"existing_pv": {"path": "data/raw/plan/pv.gpkg", "id_field": "id",
+                            "capacity_field_kwp": "kwp", "year_field": "year"},
+            "towns": {"path": "data/raw/plan/towns.gpkg", "name_field": "name",
+                      "district_field": "district"}}
+
+
+def report_run(base: Path, config: str, run_id: str, background: bool) -> None:
+    """The report stage in ``base``: with its second processes, or in the driver alone."""
+    from pipeline import parallel, runs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setattr(runs, "new_run_id", lambda now=None: run_id)
+        if not background:  # one worker: no second process
+            mp.setattr(parallel, "n_workers", lambda: 1)
+        run_stages(Path(config), ("report",),
+                   scheduler="processes" if background else "synchronous")
+
+
+def report_outputs(base: Path, run_id: str) -> dict:
+    """Everything a report run wrote, times masked, geometries as WKB."""
+    from openpyxl import load_workbook
+
+    def plain(v: object) -> object:
+        return TIMES.sub("<time>", v) if isinstance(v, str) else v
+
+    out = base / "outputs"
+    gpkg = out / "rooftop_pv.gpkg"
+    got: dict = {"metadata": {k: plain(v) for k, v in
+                              pyogrio.read_info(gpkg, layer="buildings")["dataset_metadata"]
+                              .items()}}
+    for name, _ in pyogrio.list_layers(gpkg):
+        frame = pyogrio.read_dataframe(gpkg, layer=name)
+        if isinstance(frame, gpd.GeoDataFrame):
+            frame = frame.to_wkb()
+        got[f"layer {name}"] = frame.drop(columns=["update_time", "started"], errors="ignore")
+    for name in ("report.md", "report.html"):
+        got[name] = plain((out / name).read_text(encoding="utf-8"))
+    wb = load_workbook(out / "rooftop_pv.xlsx", read_only=True)
+    got["rooftop_pv.xlsx"] = {ws.title: [tuple(map(plain, r)) for r in ws.values]
+                              for ws in wb.worksheets}
+    wb.close()
+    run_dir = out / "runs" / run_id
+    for name in ("snapshot_buildings.parquet", "snapshot_districts.parquet"):
+        got[name] = pd.read_parquet(run_dir / name)
+    got["manifest changes"] = json.loads((run_dir / "manifest.json").read_text())["changes"]
+    return got
+
+
+@pytest.mark.slow
+def test_report_with_second_processes_equals_report_in_driver(threaded, sample, iwec_epw,
+                                                              tmp_path, caplog):
+    """Streamed buildings layer, change list in a second process, fewer columns read: the same.
+
+    Three runs each way: a first run, a second one after buildings were
+    removed, added and changed, a third with existing PV and towns (whose
+    change list the driver computes).
+    """
+    from pipeline.report import BUILDINGS_LAYER_ONLY_COLUMNS
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    proc = threaded / "data/processed"
+    assert set(BUILDINGS_LAYER_ONLY_COLUMNS) <= set(
+        pd.read_parquet(proc / "yield_buildings.parquet").columns)  # each one is left out
+    bases = {mode: report_project(tmp_path / mode, sample, iwec_epw, proc)
+             for mode in ("driver", "background")}
+    configs = {mode: report_config(base, "report.yaml") for mode, base in bases.items()}
+    edited = tmp_path / "edited"
+    shutil.copytree(proc, edited, ignore=shutil.ignore_patterns("cache"))
+    edit_buildings(edited)
+    plan = plan_files(edited, tmp_path / "plan", "浦东新区")
+    for run, run_id in enumerate(("20000101T000001Z-aaaaaa", "20000101T000002Z-bbbbbb",
+                                  "20000101T000003Z-cccccc")):
+        outputs = {}
+        for mode, base in bases.items():
+            if run == 1:
+                for name in ("yield_buildings.parquet", "ingest_accounting.json"):
+                    shutil.copy2(edited / name, base / "data/processed" / name)
+            if run == 2:
+                shutil.copytree(tmp_path / "plan", base / "data/raw/plan")
+                configs[mode] = report_config(base, "report_plan.yaml", plan)
+            caplog.clear()
+            report_run(base, configs[mode], run_id, mode == "background")
+            steps = [r.getMessage() for r in caplog.records if "report steps" in r.getMessage()]
+            assert len(steps) == 1
+            assert ("geopackage buildings (wait)" in steps[0]) == (mode == "background")
+            assert ("changes (wait)" in steps[0]) == (mode == "background" and run < 2)
+            outputs[mode] = report_outputs(base, run_id)
+        a, b = outputs["driver"], outputs["background"]
+        assert list(a) == list(b)
+        for key in a:
+            if isinstance(a[key], pd.DataFrame):
+                pd.testing.assert_frame_equal(a[key], b[key], obj=f"run {run + 1}: {key}")
+            else:
+                assert a[key] == b[key], f"run {run + 1}: {key}"
+        kinds = set(a["layer changes"]["change"])
+        assert kinds == [set(), {"added", "removed", "changed"}, {"changed"}][run]
+        if run == 1:
+            fields = ",".join(a["layer changes"]["changed_fields"]).split(",")
+            assert {"type", "capacity", "geometry"} <= set(fields)
+        if run == 2:
+            assert "layer existing_pv" in a and "layer towns" in a
+
+
+@pytest.mark.slow
+def test_report_failing_beside_its_second_processes_leaves_the_outputs(threaded, sample, iwec_epw,
+                                                                       tmp_path):
+    """The driver fails while the second processes work: awaited, nothing half-written."""
+    from pipeline import report, runs
+
+    base = report_project(tmp_path / "project", sample, iwec_epw, threaded / "data/processed")
+    config = report_config(base, "report.yaml")
+    report_run(base, config, "20000101T000001Z-aaaaaa", True)
+    out = base / "outputs"
+    before = {name: runs.sha256_file(out / name) for name in runs.KEPT_OUTPUTS}
+
+    def broken(*args: object) -> str:
+        raise RuntimeError("broken markdown")
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="broken"):
+        mp.setattr(report, "render_markdown", broken)
+        report_run(base, config, "20000101T000002Z-bbbbbb", True)
+    assert {name: runs.sha256_file(out / name) for name in runs.KEPT_OUTPUTS} == before
+    failed = out / "runs/20000101T000002Z-bbbbbb"
+    assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"
+    assert not [p for d in (out, failed) for p in d.iterdir() if ".part" in p.name]
+    # the next run compares with the last successful one
+    assert [p.name for p in runs.output_runs(out / "runs")] == ["20000101T000001Z-aaaaaa"]

@@ -134,7 +134,8 @@ def test_compare_lists_added_removed_and_changed():
                           "rule_verdict": ["x", "y"]})
     dcur = pd.DataFrame({"district_name": ["A", "B"], "target_verdict": [None, "yes"],
                          "rule_verdict": ["x", "y"]})
-    d = changes.district_deltas(prev, cur, changes.compare(prev, cur), dprev, dcur)
+    d = changes.district_deltas(changes.district_sums(prev), changes.district_sums(cur),
+                                changes.compare(prev, cur), dprev, dcur)
     d = d.set_index("district_name")
     assert d.loc["A", "capacity_delta_kwp"] == pytest.approx(6.0)  # 36 - 30
     assert d.loc["B", "capacity_delta_kwp"] == pytest.approx(2.0)  # 7 - 5
