@@ -47,6 +47,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import changes, parallel
@@ -389,22 +390,88 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
 
     pf = pq.ParquetFile(src)
     geo = json.loads(pf.metadata.metadata[b"geo"])
-    types = set(geo["columns"][geo["primary_column"]].get("geometry_types") or [])
+    name = geo["primary_column"]
+    types = set(geo["columns"][name].get("geometry_types") or [])
     polygonal = bool(types) and types <= {"Polygon", "MultiPolygon"}
+    # without existing PV or towns the plan's columns need no geometry: the stored WKB is
+    # written as it is (polygons wrapped as one-part multipolygons), never decoded
+    attributes_only = polygonal and plan_args[0] is None and plan_args[1] is None
     groups = [[i] for i in range(pf.metadata.num_row_groups)] or [[]]
     rows = 0
     for k, group in enumerate(groups):
-        part = read_partition(Path(src), group)
-        part.index = pd.RangeIndex(rows, rows + len(part))
-        part, kwargs = _layer_geometry(plan_buildings(part, *plan_args), polygonal)
-        kwargs.update(layer="buildings", driver="GPKG")
+        kwargs: dict = {"layer": "buildings", "driver": "GPKG"}
         if k == 0:
             kwargs.update(layer_options=layer_options, **_dataset_kwargs(dataset_metadata))
         else:
             kwargs["append"] = True
-        pyogrio.write_dataframe(part, dst, use_arrow=True, **kwargs)
+        table = pf.read_row_groups(group) if attributes_only else None
+        multi = multipolygon_wkb(table.column(name)) if table is not None else None
+        if multi is not None:
+            part = table.drop_columns([name]).to_pandas()
+            part.index = pd.RangeIndex(rows, rows + len(part))
+            out = pa.Table.from_pandas(plan_buildings(part, *plan_args), preserve_index=False)
+            out = out.cast(pa.schema([  # GDAL has no null type: all-null columns as text
+                f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in out.schema],
+                metadata=out.schema.metadata))
+            pyogrio.write_arrow(out.append_column(name, multi), dst, geometry_name=name,
+                                geometry_type="MultiPolygon", crs=_gdal_crs(geo["columns"][name]),
+                                **kwargs)
+        else:
+            part = read_partition(Path(src), group)
+            part.index = pd.RangeIndex(rows, rows + len(part))
+            part, geom_kwargs = _layer_geometry(plan_buildings(part, *plan_args), polygonal)
+            pyogrio.write_dataframe(part, dst, use_arrow=True, **kwargs, **geom_kwargs)
         rows += len(part)
     return rows
+
+
+#: little-endian 2D WKB headers (byte order 1, then the type as uint32)
+_WKB_POLYGON = b"\x01\x03\x00\x00\x00"
+_WKB_MULTIPOLYGON = b"\x01\x06\x00\x00\x00"
+
+
+def multipolygon_wkb(wkb: pa.ChunkedArray) -> pa.Array | None:
+    """2D little-endian Polygon WKB as one-part MultiPolygon WKB, in Arrow.
+
+    A one-part MultiPolygon is the MultiPolygon header, the part count 1 and
+    the polygon's own WKB, which is what ``shapely.to_wkb`` gives for
+    ``shapely.multipolygons([polygon])``; MultiPolygons are kept as they are.
+
+    Parameters
+    ----------
+    wkb : pyarrow.ChunkedArray
+        WKB geometries.
+
+    Returns
+    -------
+    pyarrow.Array or None
+        The MultiPolygon WKB; None if any geometry is not a 2D
+        little-endian Polygon or MultiPolygon (the caller decodes those).
+    """
+    import pyarrow.compute as pc
+
+    arr = wkb.combine_chunks() if isinstance(wkb, pa.ChunkedArray) else wkb
+    arr = arr.cast(pa.binary())
+    head = pc.binary_slice(arr, 0, 5)
+    is_poly = pc.fill_null(pc.equal(head, pa.scalar(_WKB_POLYGON, pa.binary())), False)
+    is_multi = pc.fill_null(pc.equal(head, pa.scalar(_WKB_MULTIPOLYGON, pa.binary())), False)
+    if not pc.all(pc.or_(is_poly, is_multi)).as_py():
+        return None
+    wrapped = pc.binary_join_element_wise(
+        pa.scalar(_WKB_MULTIPOLYGON + (1).to_bytes(4, "little"), pa.binary()), arr,
+        pa.scalar(b"", pa.binary()))
+    return pc.if_else(is_poly, wrapped, arr)
+
+
+def _gdal_crs(column: dict) -> str | None:
+    """The CRS of a GeoParquet geometry column as pyogrio's GeoDataFrame writer gives it."""
+    from pipeline.stream import _cached_crs
+
+    if column.get("crs") is None:
+        return None
+    crs = _cached_crs(column["crs"])
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt("WKT1_GDAL")
 
 
 def _to_multi(geoms: gpd.GeoSeries) -> gpd.GeoSeries:

@@ -285,8 +285,12 @@ def test_qgis_check_fails_without_the_styles(styled_gpkg, tmp_path):
     assert "buildings: renderer singleSymbol, expected categorizedSymbol" in res.stderr
 
 
-def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path):
-    """The report's second process writes the same buildings layer, one row group at a time."""
+@pytest.mark.parametrize("plan_inputs_set", [True, False])
+def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, plan_inputs_set):
+    """The report's second process writes the same buildings layer, one row group at a time.
+
+    Without existing PV and towns it writes the stored WKB without decoding it.
+    """
     import os
 
     from pipeline.deliverables import building_plan_args, plan_inputs
@@ -296,9 +300,10 @@ def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path):
 
     districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
                                  crs=CRS)
-    cfg = plan_cfg(tmp_path, True, True)
+    cfg = plan_cfg(tmp_path, plan_inputs_set, plan_inputs_set)
     b = yield_buildings()
     b.loc[1, "geometry"] = b.geometry.iloc[1].union(box(130, 0, 140, 10))  # a MultiPolygon
+    b["note"] = None  # all null: GDAL has no null type
     src = tmp_path / "yield_buildings.parquet"
     with GeoParquetWriter(src) as w:  # one row per row group, as partitions are written
         for i in range(len(b)):
@@ -316,8 +321,12 @@ def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path):
     pd.testing.assert_frame_equal(pd.DataFrame(a.drop(columns="geometry")),
                                   pd.DataFrame(s.drop(columns="geometry")))
     assert a.geom_equals_exact(s.geometry, 0).all() and set(s.geom_type) == {"MultiPolygon"}
-    assert s["existing_pv_area_m2"].tolist() == pytest.approx([100.0, 0.0])
-    assert pyogrio.read_info(tmp_path / "streamed.gpkg", layer="buildings")[
-        "dataset_metadata"]["K"] == "v"
+    assert s["existing_pv_area_m2"].tolist() == pytest.approx(
+        [100.0, 0.0] if plan_inputs_set else [0.0, 0.0])
+    info_a, info_s = (pyogrio.read_info(tmp_path / f, layer="buildings")
+                      for f in ("whole.gpkg", "streamed.gpkg"))
+    assert info_s["dataset_metadata"]["K"] == "v"
+    for key in ("fields", "dtypes", "geometry_type", "crs", "features"):
+        assert list(np.atleast_1d(info_a[key])) == list(np.atleast_1d(info_s[key])), key
     # and it runs in another process
     assert submit_background(os.getpid).result() != os.getpid()
