@@ -1042,7 +1042,7 @@ def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_
         duplicates (or the file it was written to); the duplicates as
         rejected rows; GCJ-02 evidence counts by ordered pair of sources.
     """
-    from pipeline.stream import _from_arrow, write_arrow_file
+    from pipeline.stream import _from_arrow, hand_over
 
     parts = []
     for path, a, b, _ in slices:
@@ -1069,10 +1069,7 @@ def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_
         keep = np.ones(len(frame), dtype=bool)
         keep[frame.index.get_indexer(dups.index)] = False
         table = table.filter(pa.array(keep))
-    if spill is not None:
-        write_arrow_file(table, spill)
-        return spill, rejected, counts
-    return table, rejected, counts
+    return hand_over(table, spill), rejected, counts
 
 
 def gcj02_warnings(buildings: gpd.GeoDataFrame, cfg: PipelineConfig) -> dict[str, list[str]]:

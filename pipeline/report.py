@@ -386,7 +386,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     import pyogrio
 
     from pipeline.deliverables import plan_buildings
-    from pipeline.stream import read_partition
+    from pipeline.stream import _nulls_as_strings, read_partition
 
     pf = pq.ParquetFile(src)
     geo = json.loads(pf.metadata.metadata[b"geo"])
@@ -410,9 +410,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
             part = table.drop_columns([name]).to_pandas()
             part.index = pd.RangeIndex(rows, rows + len(part))
             out = pa.Table.from_pandas(plan_buildings(part, *plan_args), preserve_index=False)
-            out = out.cast(pa.schema([  # GDAL has no null type: all-null columns as text
-                f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in out.schema],
-                metadata=out.schema.metadata))
+            out = out.cast(_nulls_as_strings(out.schema))  # GDAL has no null type
             pyogrio.write_arrow(out.append_column(name, multi), dst, geometry_name=name,
                                 geometry_type="MultiPolygon", crs=_gdal_crs(geo["columns"][name]),
                                 **kwargs)
@@ -465,11 +463,11 @@ def multipolygon_wkb(wkb: pa.ChunkedArray) -> pa.Array | None:
 
 def _gdal_crs(column: dict) -> str | None:
     """The CRS of a GeoParquet geometry column as pyogrio's GeoDataFrame writer gives it."""
-    from pipeline.stream import _cached_crs
+    from pipeline.stream import cached_crs
 
     if column.get("crs") is None:
         return None
-    crs = _cached_crs(column["crs"])
+    crs = cached_crs(column["crs"])
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else crs.to_wkt("WKT1_GDAL")
 

@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,8 @@ def read_partition(path: Path, row_groups: Sequence[int],
 _CRS_CACHE: dict[str, Any] = {}
 
 
-def _cached_crs(crs: dict | str) -> Any:
-    """The pyproj CRS of a GeoParquet ``crs`` entry, parsed once per process."""
+def cached_crs(crs: dict | str) -> Any:
+    """The pyproj CRS of a GeoParquet ``crs`` entry (PROJJSON or text), parsed once per process."""
     from geopandas.io.arrow import _remove_id_from_member_of_ensembles
     from pyproj import CRS
 
@@ -131,7 +131,7 @@ def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
     meta = json.loads(geo)
     for col in meta.get("columns", {}).values():
         if col.get("crs") is not None:
-            col["crs"] = _cached_crs(col["crs"])
+            col["crs"] = cached_crs(col["crs"])
     return _arrow_to_geopandas(table, meta)
 
 
@@ -172,17 +172,22 @@ def _run_partition(path: str, row_groups: list[int], kernel: Callable, args: tup
     is never decoded. With ``spill`` (a path) the table is written there as
     an Arrow IPC file and the path returned instead (:func:`unspill`).
     """
-    table = _partition_table(path, row_groups, kernel, args, kwargs, columns, geometry)
-    if spill is None:
-        return table
-    write_arrow_file(table, spill)
-    return spill
+    return hand_over(_partition_table(path, row_groups, kernel, args, kwargs, columns,
+                                      geometry), spill)
 
 
 def write_arrow_file(table: pa.Table, path: str | Path) -> None:
     """Write a table as an Arrow IPC file (uncompressed: to be memory-mapped)."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+
+
+def hand_over(table: pa.Table, spill: str | None) -> pa.Table | str:
+    """Worker side of a task's result: the table, or with ``spill`` its file (:func:`unspill`)."""
+    if spill is None:
+        return table
+    write_arrow_file(table, spill)
+    return spill
 
 
 def unspill(result: pa.Table | str) -> pa.Table:
@@ -386,7 +391,8 @@ def map_file(
     parts = partitions(in_path)
     if not parts:  # a file without row groups: run the kernel on the empty frame
         empty = read_partition(in_path, [], columns)
-        tables: Iterator[pa.Table] = iter([to_arrow(kernel(empty, *args, **kwargs))])
+        rows_out, summary = write_tables([to_arrow(kernel(empty, *args, **kwargs))], out_path,
+                                         keep)
     else:
         sizes = _partition_rows(in_path, parts)
         spill_dir = None
@@ -407,8 +413,6 @@ def map_file(
         finally:
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
-        return rows_in, rows_out, summary
-    rows_out, summary = write_tables(tables, out_path, keep)
     return rows_in, rows_out, summary
 
 
