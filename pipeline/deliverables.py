@@ -89,6 +89,8 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     plan_cfg = cfg.plan
     density = cfg.roof.module_power_density_w_per_m2
     raw, towns = inputs if inputs is not None else plan_inputs(cfg, base_dir, districts)
+    if raw is not None:  # over all buildings, before the partitions split them
+        raw = tg.system_roof_totals(raw, [buildings])
     args = building_plan_args(cfg, raw, towns)
     if raw is None and towns is None:
         buildings = plan_buildings(buildings, *args)  # columns only: no partitions needed
@@ -146,7 +148,11 @@ def plan_inputs(cfg: object, base_dir: Path, districts: gpd.GeoDataFrame
 
 def building_plan_args(cfg: object, raw: gpd.GeoDataFrame | None,
                        towns: gpd.GeoDataFrame | None) -> tuple:
-    """Arguments of :func:`plan_buildings` after the partition, from the config."""
+    """Arguments of :func:`plan_buildings` after the partition, from the config.
+
+    ``raw`` are the systems as read; the caller adds their roof totals over
+    all buildings (:func:`pipeline.targets.system_roof_totals`).
+    """
     return (raw, towns, cfg.roof.module_power_density_w_per_m2, cfg.roof.min_array_area_m2,
             cfg.plan.grid_emission_factor_t_co2_per_mwh)
 
@@ -166,7 +172,8 @@ def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
     part : GeoDataFrame
         Yield-stage buildings.
     systems : GeoDataFrame or None
-        Existing or planned PV (:func:`pipeline.targets.read_existing_pv`).
+        Existing or planned PV with their roof totals over all buildings
+        (:func:`pipeline.targets.system_roof_totals`).
     towns : GeoDataFrame or None
         Towns (:func:`pipeline.targets.read_towns`).
     power_density_w_per_m2 : float

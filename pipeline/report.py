@@ -372,7 +372,8 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
         The GeoPackage to create (the report's temporary file).
     plan_args : tuple
         :func:`pipeline.deliverables.building_plan_args`: the report's
-        per-building columns are added batch by batch.
+        per-building columns are added batch by batch, with the existing PV
+        systems' roof totals taken over all row groups first.
     layer_options : dict
         GDAL layer creation options of the ``buildings`` layer.
     dataset_metadata : dict, optional
@@ -387,10 +388,15 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
 
     from pipeline.deliverables import plan_buildings
     from pipeline.stream import _nulls_as_strings, read_partition
+    from pipeline.targets import system_roof_totals
 
     pf = pq.ParquetFile(src)
     geo = json.loads(pf.metadata.metadata[b"geo"])
     name = geo["primary_column"]
+    if plan_args[0] is not None:  # existing PV: a pass over all footprints first
+        footprints = (read_partition(Path(src), [i], columns=["building_id", name])
+                      for i in range(pf.metadata.num_row_groups))
+        plan_args = (system_roof_totals(plan_args[0], footprints), *plan_args[1:])
     types = set(geo["columns"][name].get("geometry_types") or [])
     polygonal = bool(types) and types <= {"Polygon", "MultiPolygon"}
     # without existing PV or towns the plan's columns need no geometry: the stored WKB is

@@ -3,10 +3,13 @@
 Runs inside the report stage, after the yield stage, on the yield-stage
 buildings. Existing and planned PV systems (an optional layer) take their
 roof area off the free roof and count toward the targets whose period holds
-their year; the remaining MW of each target are reached by ranking the
-eligible roofs in the configured order; where a layer of sub-district units
-(towns, streets, development zones) is given, each district target is split
-across them in proportion to their potential.
+their year; a system over several footprints splits by its roof area on each
+out of its roof area on all of them, computed once over all buildings
+(:func:`system_roof_totals`), so the partitions' results add up to the whole
+frame's however the buildings are split. The remaining MW of each target are
+reached by ranking the eligible roofs in the configured order; where a layer
+of sub-district units (towns, streets, development zones) is given, each
+district target is split across them in proportion to their potential.
 
 Inputs and outputs
 ------------------
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -215,21 +219,98 @@ def read_existing_pv(cfg: ExistingPvConfig, working_crs: str, base_dir: Path
         geometry=raw.geometry.to_numpy(), crs=raw.crs).to_crs(working_crs)
 
 
+#: Columns :func:`system_roof_totals` adds to the systems; :func:`pv_roof_pairs` needs them.
+ROOF_TOTAL_COLUMNS = ("roof_area_total_m2", "roof_building_id")
+
+
+def roof_cover_m2(system_geoms: np.ndarray, footprints: np.ndarray) -> np.ndarray:
+    """Roof area each polygon system covers on its paired footprint [m2].
+
+    One expression for the totals and the per-partition pairs, so that both
+    give the same floats for a pair.
+
+    Parameters
+    ----------
+    system_geoms, footprints : ndarray of shapely geometries
+        Pairs, element by element, metric CRS.
+
+    Returns
+    -------
+    ndarray
+        Area of each intersection [m2].
+    """
+    return shapely.area(shapely.intersection(system_geoms, footprints))
+
+
+def system_roof_totals(systems: gpd.GeoDataFrame, buildings: Iterable[gpd.GeoDataFrame]
+                       ) -> gpd.GeoDataFrame:
+    """Each system's footprints over all buildings: its total roof area, its point's roof.
+
+    :func:`subtract_existing_pv` runs on one partition or row group at a
+    time; with these totals, computed once over all buildings, what it gives
+    a building does not depend on how the buildings are split, and the parts
+    add up to the whole frame's.
+
+    Parameters
+    ----------
+    systems : GeoDataFrame
+        Output of :func:`read_existing_pv`.
+    buildings : iterable of GeoDataFrame
+        All buildings, as one frame or in parts (partitions or row groups in
+        file order), in the systems' CRS; only ``building_id`` and the
+        geometry are read.
+
+    Returns
+    -------
+    GeoDataFrame
+        ``systems`` with ``roof_area_total_m2`` [m2], the roof area a
+        polygon system covers on all footprints (0 for points), and
+        ``roof_building_id``, the footprint a point system counts on: the
+        first in file order of those it touches (a point on a shared wall
+        counts once); null for polygons and for points off every footprint.
+    """
+    sys_geom = systems.geometry.to_numpy()
+    is_point = shapely.get_type_id(sys_geom) == shapely.GeometryType.POINT
+    total = np.zeros(len(systems))
+    owner = np.full(len(systems), None, dtype=object)
+    if len(systems):
+        tree = shapely.STRtree(sys_geom)
+        for part in buildings:
+            b_geom = part.geometry.to_numpy()
+            ib, isys = tree.query(b_geom, predicate="intersects")
+            order = np.lexsort((isys, ib))  # file order: the same sums however split
+            ib, isys = ib[order], isys[order]
+            poly = ~is_point[isys]
+            # ufunc.at adds pair by pair in this order, so the floats do not depend on the parts
+            np.add.at(total, isys[poly], roof_cover_m2(sys_geom[isys[poly]], b_geom[ib[poly]]))
+            pts, first = np.unique(isys[~poly], return_index=True)  # first footprint each
+            new = pd.isna(owner[pts])
+            owner[pts[new]] = part["building_id"].to_numpy(dtype=object)[
+                ib[~poly][first[new]]]
+    out = systems.copy()
+    out["roof_area_total_m2"] = total
+    out["roof_building_id"] = pd.Series(owner, index=out.index, dtype="object")
+    return out
+
+
 def pv_roof_pairs(buildings: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
                   power_density_w_per_m2: float) -> pd.DataFrame:
     """Which roof each PV system sits on, with its roof area and capacity there.
 
     A polygon system takes the area it covers on each footprint and splits
-    its capacity in proportion to that area; a point system sits on the
-    footprint that contains it and takes the roof area its capacity needs,
-    ``kWp / power density / gcr``.
+    its capacity in proportion to that area out of its area on all
+    footprints (``roof_area_total_m2``); a point system sits on the footprint
+    ``roof_building_id`` names and takes the roof area its capacity needs,
+    ``kWp / power density / gcr``. Row-wise given the systems: the pairs of
+    the parts of ``buildings`` are the pairs of the whole.
 
     Parameters
     ----------
     buildings : GeoDataFrame
-        Footprints with ``gcr`` [-], metric CRS.
+        Footprints with ``building_id`` and ``gcr`` [-], metric CRS: all
+        buildings or a part of them.
     systems : GeoDataFrame
-        Output of :func:`read_existing_pv`, same CRS.
+        Output of :func:`system_roof_totals` over all buildings, same CRS.
     power_density_w_per_m2 : float
         Module power density [W/m2].
 
@@ -238,7 +319,16 @@ def pv_roof_pairs(buildings: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     DataFrame
         ``building`` (index label in ``buildings``), ``system`` (position in
         ``systems``), ``area_m2`` [m2], ``kwp`` [kWp].
+
+    Raises
+    ------
+    ValueError
+        ``systems`` without the columns of :func:`system_roof_totals`.
     """
+    missing = [c for c in ROOF_TOTAL_COLUMNS if c not in systems.columns]
+    if missing:
+        raise ValueError(f"the PV systems lack {missing}: add them with system_roof_totals "
+                         "over all buildings before splitting them by partition")
     empty = pd.DataFrame({"building": pd.Series(dtype=buildings.index.dtype),
                           "system": pd.Series(dtype="int64"),
                           "area_m2": pd.Series(dtype=float), "kwp": pd.Series(dtype=float)})
@@ -247,29 +337,27 @@ def pv_roof_pairs(buildings: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     sys_geom = systems.geometry.to_numpy()
     b_geom = buildings.geometry.to_numpy()
     ib, isys = buildings.sindex.query(sys_geom, predicate="intersects")[::-1]
+    is_point = shapely.get_type_id(sys_geom[isys]) == shapely.GeometryType.POINT
+    # a point on a shared wall counts once, on the footprint system_roof_totals gave it
+    owner = systems["roof_building_id"].to_numpy(dtype=object)[isys]
+    keep = ~is_point | np.asarray(
+        owner == buildings["building_id"].to_numpy(dtype=object)[ib], dtype=bool)
+    ib, isys, is_point = ib[keep], isys[keep], is_point[keep]
     if len(ib) == 0:
         return empty
-    is_point = shapely.get_type_id(sys_geom[isys]) == 0
     kwp_sys = systems["pv_capacity_kwp"].to_numpy(dtype=float)[isys]
     area = np.zeros(len(ib))
     poly = ~is_point
     if poly.any():
-        area[poly] = shapely.area(shapely.intersection(sys_geom[isys[poly]], b_geom[ib[poly]]))
+        area[poly] = roof_cover_m2(sys_geom[isys[poly]], b_geom[ib[poly]])
+    gcr = buildings["gcr"].to_numpy(dtype=float)[ib]
+    area[is_point] = kwp_sys[is_point] * 1000.0 / power_density_w_per_m2 / gcr[is_point]
+    total = systems["roof_area_total_m2"].to_numpy(dtype=float)[isys]
+    share = np.where(is_point, 1.0, np.divide(area, total, out=np.zeros(len(ib)),
+                                              where=total > 0))
     pairs = pd.DataFrame({"building": buildings.index.to_numpy()[ib], "system": isys,
-                          "area_m2": area, "kwp": kwp_sys, "point": is_point})
-    # a point on a shared wall counts once, on the first footprint
-    pairs = pairs[~(pairs["point"] & pairs.duplicated("system"))].copy()
-    gcr = buildings["gcr"].to_numpy(dtype=float)[
-        buildings.index.get_indexer(pairs["building"])]
-    pts = pairs["point"].to_numpy()
-    pairs.loc[pts, "area_m2"] = (pairs.loc[pts, "kwp"].to_numpy() * 1000.0
-                                 / power_density_w_per_m2 / gcr[pts])
-    total = pairs.groupby("system")["area_m2"].transform("sum").to_numpy()
-    share = np.where(pts, 1.0, np.divide(pairs["area_m2"].to_numpy(), total,
-                                         out=np.zeros(len(pairs)), where=total > 0))
-    pairs["kwp"] = pairs["kwp"].to_numpy() * share
-    pairs = pairs[pairs["area_m2"] > 0]
-    return pairs.drop(columns="point").reset_index(drop=True)
+                          "area_m2": area, "kwp": kwp_sys * share})
+    return pairs[pairs["area_m2"] > 0].reset_index(drop=True)
 
 
 def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
@@ -281,9 +369,10 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     ----------
     part : GeoDataFrame
         Yield-stage buildings (``usable_area_m2``, ``gcr``, ``coverage_share``,
-        ``footprint_area_m2``, ``specific_yield_kwh_per_kwp``).
+        ``footprint_area_m2``, ``specific_yield_kwh_per_kwp``): all
+        buildings or one partition of them.
     systems : GeoDataFrame
-        Output of :func:`read_existing_pv`.
+        Output of :func:`system_roof_totals` over all buildings.
     power_density_w_per_m2 : float
         Module power density [W/m2] (``roof.module_power_density_w_per_m2``).
     min_array_area_m2 : float
@@ -346,9 +435,10 @@ def locate_existing_pv(systems: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame,
     Parameters
     ----------
     systems : GeoDataFrame
-        Output of :func:`read_existing_pv`.
+        Output of :func:`system_roof_totals` over ``buildings``.
     buildings : GeoDataFrame
-        ``building_id``, ``building_type``, ``district_name``, ``gcr``.
+        All buildings: ``building_id``, ``building_type``, ``district_name``,
+        ``gcr``.
     districts : GeoDataFrame
         ``district_name`` polygons.
     power_density_w_per_m2 : float
@@ -360,11 +450,12 @@ def locate_existing_pv(systems: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame,
         ``systems`` with ``building_id`` (the roof with most of its area;
         null off the input's roofs), ``building_type``, ``district_name``
         (of that roof, else of the district holding the system) and
-        ``pv_roof_area_m2`` [m2].
+        ``pv_roof_area_m2`` [m2]; without the columns of
+        :func:`system_roof_totals`.
     """
-    out = systems.copy()
+    out = systems.drop(columns=list(ROOF_TOTAL_COLUMNS))
     b = buildings.reset_index(drop=True)
-    pairs = pv_roof_pairs(b, out, power_density_w_per_m2)
+    pairs = pv_roof_pairs(b, systems, power_density_w_per_m2)
     main = pairs.sort_values(["system", "area_m2"], ascending=[True, False]) \
         .drop_duplicates("system").set_index("system")
     pos = main["building"].reindex(range(len(out)))

@@ -24,7 +24,7 @@ from pipeline.styles import TYPE_STYLE
 from pipeline.targets import ExistingPvConfig, PlanConfig, TownsConfig
 from pipeline.workbook import write_workbook
 from tests.conftest import ROOT
-from tests.test_targets import CRS, yield_buildings
+from tests.test_targets import CRS, adjacent_buildings, straddling_systems, yield_buildings
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -200,11 +200,16 @@ def plain(frame: pd.DataFrame) -> pd.DataFrame:
     return out.where(frame.notna(), None)
 
 
-def plan_cfg(tmp_path: Path, existing: bool, towns: bool) -> SimpleNamespace:
+def plan_cfg(tmp_path: Path, existing: bool, towns: bool,
+             pv: gpd.GeoDataFrame | None = None) -> SimpleNamespace:
+    """A plan config; existing PV: ``pv`` (:func:`tests.test_targets.straddling_systems`), else
+    one 15 kWp array."""
     ex = tw = None
     if existing:
-        gpd.GeoDataFrame({"id": ["p1"], "kwp": [15.0], "year": [2024]},
-                         geometry=[box(5, 5, 15, 15)], crs=CRS).to_file(tmp_path / "pv.geojson")
+        pv = (gpd.GeoDataFrame({"id": ["p1"], "kwp": [15.0], "year": [2024]},
+                               geometry=[box(5, 5, 15, 15)], crs=CRS) if pv is None else
+              pv.rename(columns={"pv_id": "id", "pv_capacity_kwp": "kwp", "pv_year": "year"}))
+        pv.to_file(tmp_path / "pv.geojson")
         ex = ExistingPvConfig(path=Path("pv.geojson"), id_field="id", capacity_field_kwp="kwp",
                               year_field="year")
     if towns:
@@ -285,23 +290,46 @@ def test_qgis_check_fails_without_the_styles(styled_gpkg, tmp_path):
     assert "buildings: renderer singleSymbol, expected categorizedSymbol" in res.stderr
 
 
-@pytest.mark.parametrize("plan_inputs_set", [True, False])
-def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, plan_inputs_set):
+def test_prepare_plan_splits_existing_pv_alike_over_partitions(tmp_path):
+    """A system over footprints in two partitions counts once, as in one partition."""
+    from pipeline.parallel import scheduler_context
+
+    districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
+                                 crs=CRS)
+    cfg = plan_cfg(tmp_path, True, False, straddling_systems())
+    plans = {}
+    for n in (1, 2):
+        with scheduler_context("synchronous", n_workers=1, npartitions=n):
+            plans[n] = prepare_plan(cfg, tmp_path, adjacent_buildings(), districts)
+    pd.testing.assert_frame_equal(plans[2].buildings, plans[1].buildings, check_exact=True)
+    b = plans[2].buildings
+    assert b["existing_pv_area_m2"].tolist() == pytest.approx([100.0, 40.0])
+    assert b["existing_pv_kwp"].tolist() == pytest.approx([10.2, 4.0])  # 10 kWp + 4.2 kWp
+    assert plans[2].systems["building_id"].tolist() == ["a", "a"]
+    assert plans[2].targets.iloc[0]["target_existing_mw"] == pytest.approx(0.0142)
+
+
+@pytest.mark.parametrize("case", ["plan inputs", "none", "pv across row groups"])
+def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, case):
     """The report's second process writes the same buildings layer, one row group at a time.
 
-    Without existing PV and towns it writes the stored WKB without decoding it.
+    Without existing PV and towns it writes the stored WKB without decoding it;
+    a PV system over footprints in two row groups (and two partitions of the
+    whole frame) counts once.
     """
     import os
 
     from pipeline.deliverables import building_plan_args, plan_inputs
-    from pipeline.parallel import submit_background
+    from pipeline.parallel import scheduler_context, submit_background
     from pipeline.report import write_buildings_layer, write_layers
     from pipeline.stream import GeoParquetWriter, to_arrow
 
     districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
                                  crs=CRS)
-    cfg = plan_cfg(tmp_path, plan_inputs_set, plan_inputs_set)
-    b = yield_buildings()
+    straddle = case == "pv across row groups"
+    cfg = plan_cfg(tmp_path, case != "none", case == "plan inputs",
+                   straddling_systems() if straddle else None)
+    b = adjacent_buildings() if straddle else yield_buildings()
     b.loc[1, "geometry"] = b.geometry.iloc[1].union(box(130, 0, 140, 10))  # a MultiPolygon
     b["note"] = None  # all null: GDAL has no null type
     src = tmp_path / "yield_buildings.parquet"
@@ -309,7 +337,8 @@ def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, plan_in
         for i in range(len(b)):
             w.write(to_arrow(b.iloc[[i]]))
     inputs = plan_inputs(cfg, tmp_path, districts)
-    whole = prepare_plan(cfg, tmp_path, gpd.read_parquet(src), districts, inputs).buildings
+    with scheduler_context("synchronous", n_workers=1, npartitions=2):
+        whole = prepare_plan(cfg, tmp_path, gpd.read_parquet(src), districts, inputs).buildings
     write_layers(tmp_path / "whole.gpkg", {"buildings": whole},
                  {"buildings": {"DESCRIPTION": "d"}}, {"K": "v"})
     rows = write_buildings_layer(str(src), str(tmp_path / "streamed.gpkg"),
@@ -319,10 +348,13 @@ def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, plan_in
     a = pyogrio.read_dataframe(tmp_path / "whole.gpkg", layer="buildings")
     s = pyogrio.read_dataframe(tmp_path / "streamed.gpkg", layer="buildings")
     pd.testing.assert_frame_equal(pd.DataFrame(a.drop(columns="geometry")),
-                                  pd.DataFrame(s.drop(columns="geometry")))
+                                  pd.DataFrame(s.drop(columns="geometry")), check_exact=True)
     assert a.geom_equals_exact(s.geometry, 0).all() and set(s.geom_type) == {"MultiPolygon"}
     assert s["existing_pv_area_m2"].tolist() == pytest.approx(
-        [100.0, 0.0] if plan_inputs_set else [0.0, 0.0])
+        {"plan inputs": [100.0, 0.0], "none": [0.0, 0.0], "pv across row groups": [100.0, 40.0]}[
+            case])
+    if straddle:
+        assert s["existing_pv_kwp"].tolist() == pytest.approx([10.2, 4.0])
     info_a, info_s = (pyogrio.read_info(tmp_path / f, layer="buildings")
                       for f in ("whole.gpkg", "streamed.gpkg"))
     assert info_s["dataset_metadata"]["K"] == "v"

@@ -25,12 +25,14 @@ from pipeline.targets import (
     parse_period,
     plan_targets,
     priority_types,
+    pv_roof_pairs,
     rank_roofs,
     read_existing_pv,
     read_towns,
     remaining_mw,
     roofs_to_target,
     subtract_existing_pv,
+    system_roof_totals,
     target_plan,
     town_split,
 )
@@ -131,12 +133,16 @@ def yield_buildings():
     }, geometry=[box(0, 0, 20, 20), box(100, 0, 120, 20)], crs=CRS)
 
 
-def systems():
-    """A 10 m x 10 m array on x (2024), a 10.5 kWp point on y (2019), one off-roof (2025)."""
-    return gpd.GeoDataFrame({
+def systems(buildings=None):
+    """A 10 m x 10 m array on x (2024), a 10.5 kWp point on y (2019), one off-roof (2025).
+
+    With their roof totals over ``buildings`` (default :func:`yield_buildings`).
+    """
+    raw = gpd.GeoDataFrame({
         "pv_id": ["p1", "p2", "p3"], "pv_capacity_kwp": [15.0, 10.5, 400.0],
         "pv_year": [2024, 2019, 2025], "pv_status": ["installed", "installed", "planned"]},
         geometry=[box(5, 5, 15, 15), Point(110, 10), Point(500, 500)], crs=CRS)
+    return system_roof_totals(raw, [yield_buildings() if buildings is None else buildings])
 
 
 def test_existing_pv_reduces_free_area():
@@ -156,6 +162,7 @@ def test_existing_pv_reduces_free_area():
 def test_existing_pv_filling_the_roof_leaves_it_unsuitable():
     big = systems().iloc[[0]].copy()
     big["geometry"] = [box(0, 0, 20, 15)]  # 300 m2 > 200 m2 usable
+    big = system_roof_totals(big, [yield_buildings()])
     out = subtract_existing_pv(yield_buildings(), big, 210.0, 10.0).set_index("building_id")
     assert out.loc["x", "usable_area_m2"] == 0 and out.loc["x", "capacity_kwp"] == 0
     assert not out.loc["x", "suitable"]
@@ -193,6 +200,56 @@ def test_existing_pv_counts_toward_targets_by_year():
     assert t.loc["t2125", "target_share_reachable"] == pytest.approx(0.4255 / 0.5)
     assert t.loc["t2125", "target_share_priority_types"] == pytest.approx(0.0105 / 0.085)
     assert t.loc["t2125", "target_co2_avoided_kt_per_year"] == pytest.approx(0.0105 * 0.5)
+
+
+def adjacent_buildings():
+    """:func:`yield_buildings` as a and b = [0, 20] x [0, 20] and [20, 40] x [0, 20]: one wall."""
+    b = yield_buildings()
+    b["building_id"] = ["a", "b"]
+    return b.set_geometry([box(0, 0, 20, 20), box(20, 0, 40, 20)], crs=CRS)
+
+
+def straddling_systems():
+    """s1: 10 kWp over 60 m2 of a and 40 m2 of b; s2: 4.2 kWp, a point on their wall."""
+    return gpd.GeoDataFrame({
+        "pv_id": ["s1", "s2"], "pv_capacity_kwp": [10.0, 4.2], "pv_year": [2024, 2024],
+        "pv_status": ["installed", "installed"]},
+        geometry=[box(14, 5, 24, 15), Point(20, 10)], crs=CRS)
+
+
+def test_system_roof_totals_over_all_buildings():
+    b = adjacent_buildings()
+    whole = system_roof_totals(straddling_systems(), [b])
+    assert whole["roof_area_total_m2"].tolist() == pytest.approx([100.0, 0.0])
+    assert whole["roof_building_id"].tolist() == [None, "a"]  # the first footprint in order
+    split = system_roof_totals(straddling_systems(), iter([b.iloc[[0]], b.iloc[[1]]]))
+    pd.testing.assert_frame_equal(split, whole, check_exact=True)
+    backwards = system_roof_totals(straddling_systems(), [b.iloc[[1]], b.iloc[[0]]])
+    assert backwards["roof_building_id"].tolist() == [None, "b"]
+    far = straddling_systems()
+    off = system_roof_totals(far.set_geometry(far.translate(500, 500)), [b])
+    assert off["roof_area_total_m2"].tolist() == [0.0, 0.0]
+    assert off["roof_building_id"].tolist() == [None, None]
+    with pytest.raises(ValueError, match="system_roof_totals"):
+        pv_roof_pairs(b, straddling_systems(), 210.0)
+
+
+def test_existing_pv_split_by_partition_adds_up_to_the_whole_frame():
+    """A system over two partitions counts once: its parts add up to its capacity."""
+    b = adjacent_buildings()
+    s = system_roof_totals(straddling_systems(), [b])
+    whole = subtract_existing_pv(b, s, 210.0, 10.0)
+    parts = pd.concat([subtract_existing_pv(b.iloc[[i]], s, 210.0, 10.0) for i in (0, 1)])
+    pd.testing.assert_frame_equal(parts, whole, check_exact=True)
+    # a: 10 kWp x 60/100 and the point, 4.2 kWp / 210 W/m2 / gcr 0.5 = 40 m2; b: 10 x 40/100
+    assert whole["existing_pv_area_m2"].tolist() == pytest.approx([100.0, 40.0])
+    assert whole["existing_pv_kwp"].tolist() == pytest.approx([10.2, 4.0])
+    assert whole["existing_pv_kwp"].sum() == pytest.approx(10.0 + 4.2)
+    located = locate_existing_pv(s, whole, gpd.GeoDataFrame(
+        {"district_name": ["A"]}, geometry=[box(-10, -10, 100, 100)], crs=CRS), 210.0)
+    assert located["building_id"].tolist() == ["a", "a"]
+    assert located["pv_roof_area_m2"].tolist() == pytest.approx([100.0, 40.0])
+    assert "roof_area_total_m2" not in located.columns  # the layer keeps its columns
 
 
 def test_read_existing_pv_errors_name_the_field(tmp_path):
