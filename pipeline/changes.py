@@ -48,6 +48,7 @@ verdict_flipped                      -       a target or rule verdict changed
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -543,7 +544,7 @@ class BuildingChanges:
 
 
 def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
-                     run_dir: Path | None) -> BuildingChanges:
+                     run_dir: Path | None, src: Path | None = None) -> BuildingChanges:
     """Compare this run's building snapshot with the previous run's and store it.
 
     Parameters
@@ -555,12 +556,14 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
     run_dir : Path or None
         This run's folder, where the snapshot is written (atomically; None:
         not in a run, nothing written).
+    src : Path, optional
+        ``yield_buildings.parquet``, whose rows ``current`` are: the snapshot
+        stores its footprints as they are stored there (:func:`write_snapshot`).
 
     Returns
     -------
     BuildingChanges
     """
-    from pipeline.io import write_parquet_atomic
     from pipeline.runs import SNAPSHOT_BUILDINGS
 
     prev = load_previous(previous_dir)
@@ -573,8 +576,54 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
         previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
         changes = compare(previous, current)
     if run_dir is not None:
-        write_parquet_atomic(current, run_dir / SNAPSHOT_BUILDINGS)
+        write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src)
     return BuildingChanges(changes, district_sums(previous), district_sums(current), prev_d)
+
+
+def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) -> None:
+    """Write a building snapshot as GeoParquet, atomically.
+
+    Parameters
+    ----------
+    snap : GeoDataFrame
+        :func:`snapshot`.
+    path : Path
+        The file.
+    src : Path, optional
+        The GeoParquet the snapshot's rows come from, in the same order:
+        its stored WKB is written instead of encoding every footprint again
+        (at 1M buildings the snapshot took 5.2 s to write, 2.7 s of it
+        encoding). Rows that are not the file's, by count or
+        ``building_id``, are encoded.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.io import atomic_path, write_parquet_atomic
+
+    stored = None
+    if src is not None:
+        meta = pq.read_schema(src).metadata or {}
+        geo = json.loads(meta[b"geo"]) if b"geo" in meta else None
+        name = geo["primary_column"] if geo else None
+        if name is not None:
+            stored = pq.read_table(src, columns=["building_id", name])
+            ids = pa.array(snap["building_id"].to_numpy(dtype=object), pa.string())
+            if (stored.num_rows != len(snap) or not pc.all(pc.equal(
+                    stored.column("building_id").cast(pa.string()), ids)).as_py()):
+                stored = None
+    if stored is None or len(snap) == 0:
+        write_parquet_atomic(snap, path)
+        return
+    table = pa.Table.from_pandas(pd.DataFrame(snap.drop(columns=snap.geometry.name)),
+                                 preserve_index=False)
+    table = table.append_column("geometry", stored.column(name).cast(pa.binary()))
+    geo = {**geo, "primary_column": "geometry", "columns": {"geometry": geo["columns"][name]}}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"geo": json.dumps(geo).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="snappy", use_dictionary=False)
 
 
 def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | None,
@@ -602,7 +651,7 @@ def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | N
     buildings = gpd.read_parquet(src, columns=list(SNAPSHOT_INPUT_COLUMNS))
     return building_changes(snapshot(buildings, set(no_id)),
                             Path(previous_dir) if previous_dir else None,
-                            Path(run_dir) if run_dir else None)
+                            Path(run_dir) if run_dir else None, Path(src))
 
 
 def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -360,5 +361,24 @@ def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, case):
     assert info_s["dataset_metadata"]["K"] == "v"
     for key in ("fields", "dtypes", "geometry_type", "crs", "features"):
         assert list(np.atleast_1d(info_a[key])) == list(np.atleast_1d(info_s[key])), key
+    # both with a complete spatial index (the stream builds it once, at the end)
+    for f in ("whole.gpkg", "streamed.gpkg"):
+        with contextlib.closing(sqlite3.connect(tmp_path / f)) as con:
+            assert con.execute("SELECT count(*) FROM rtree_buildings_geom").fetchone()[0] == 2
     # and it runs in another process
     assert submit_background(os.getpid).result() != os.getpid()
+
+
+def test_sqlite_unsynced_restores_the_gdal_options():
+    """The journal and fsync are off only inside the block; earlier values come back."""
+    from pipeline.report import SQLITE_WRITE_OPTIONS, sqlite_unsynced
+
+    pyogrio.set_gdal_config_options({"OGR_SQLITE_JOURNAL": "WAL", "OGR_SQLITE_SYNCHRONOUS": None})
+    try:
+        with sqlite_unsynced():
+            for key in SQLITE_WRITE_OPTIONS:  # pyogrio reads "OFF" back as False
+                assert pyogrio.get_gdal_config_option(key) is False
+        assert pyogrio.get_gdal_config_option("OGR_SQLITE_JOURNAL") == "WAL"
+        assert pyogrio.get_gdal_config_option("OGR_SQLITE_SYNCHRONOUS") is None
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_SQLITE_JOURNAL": None})

@@ -171,7 +171,7 @@ def report_config(base: Path, name: str, plan: dict | None = None) -> str:
             source["id_field"] = None
     raw["dask"]["n_workers"] = 2
     raw["report"]["geopackage_process_min_buildings"] = 0
-    raw["report"]["changes_process_min_cores"] = 1
+    raw["report"]["changes_process_min_cores"] = 3
     raw["plan"].update(plan or {})
     (base / name).write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return name
@@ -234,13 +234,18 @@ def plan_files(proc: Path, out: Path, district: str) -> dict:
                       "district_field": "district"}}
 
 
-def report_run(base: Path, config: str, run_id: str, background: bool) -> None:
-    """The report stage in ``base``: with its second processes, or in the driver alone."""
-    from pipeline import parallel, runs
+def report_run(base: Path, config: str, run_id: str, background: bool, cores: int = 3) -> None:
+    """The report stage in ``base``: with its second processes, or in the driver alone.
+
+    ``cores`` is what the report sees of the machine: with 3 the change list
+    runs beside the buildings layer, with 2 after it in the same process.
+    """
+    from pipeline import parallel, report, runs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
         mp.setattr(runs, "new_run_id", lambda now=None: run_id)
+        mp.setattr(report, "available_cores", lambda: cores)
         if not background:  # one worker: no second process
             mp.setattr(parallel, "n_workers", lambda: 1)
         run_stages(Path(config), ("report",),
@@ -284,7 +289,9 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
 
     Three runs each way: a first run, a second one after buildings were
     removed, added and changed, a third with existing PV and towns (whose
-    change list the driver computes).
+    change list the driver computes). The change list runs beside the
+    buildings layer (``background``) or after it in the same process
+    (``chained``, as on a 2-core machine).
     """
     from pipeline.report import BUILDINGS_LAYER_ONLY_COLUMNS
 
@@ -292,8 +299,8 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
     proc = threaded / "data/processed"
     assert set(BUILDINGS_LAYER_ONLY_COLUMNS) <= set(
         pd.read_parquet(proc / "yield_buildings.parquet").columns)  # each one is left out
-    bases = {mode: report_project(tmp_path / mode, sample, iwec_epw, proc)
-             for mode in ("driver", "background")}
+    modes = {"driver": 3, "background": 3, "chained": 2}  # the cores the report sees
+    bases = {mode: report_project(tmp_path / mode, sample, iwec_epw, proc) for mode in modes}
     configs = {mode: report_config(base, "report.yaml") for mode, base in bases.items()}
     edited = tmp_path / "edited"
     shutil.copytree(proc, edited, ignore=shutil.ignore_patterns("cache"))
@@ -310,19 +317,22 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
                 shutil.copytree(tmp_path / "plan", base / "data/raw/plan")
                 configs[mode] = report_config(base, "report_plan.yaml", plan)
             caplog.clear()
-            report_run(base, configs[mode], run_id, mode == "background")
+            report_run(base, configs[mode], run_id, mode != "driver", modes[mode])
             steps = [r.getMessage() for r in caplog.records if "report steps" in r.getMessage()]
             assert len(steps) == 1
-            assert ("geopackage buildings (wait)" in steps[0]) == (mode == "background")
-            assert ("changes (wait)" in steps[0]) == (mode == "background" and run < 2)
+            assert ("geopackage buildings (wait)" in steps[0]) == (mode != "driver")
+            assert ("changes (wait)" in steps[0]) == (mode != "driver" and run < 2)
             outputs[mode] = report_outputs(base, run_id)
-        a, b = outputs["driver"], outputs["background"]
-        assert list(a) == list(b)
-        for key in a:
-            if isinstance(a[key], pd.DataFrame):
-                pd.testing.assert_frame_equal(a[key], b[key], obj=f"run {run + 1}: {key}")
-            else:
-                assert a[key] == b[key], f"run {run + 1}: {key}"
+        a = outputs["driver"]
+        for mode in ("background", "chained"):
+            b = outputs[mode]
+            assert list(a) == list(b)
+            for key in a:
+                if isinstance(a[key], pd.DataFrame):
+                    pd.testing.assert_frame_equal(a[key], b[key],
+                                                  obj=f"run {run + 1}, {mode}: {key}")
+                else:
+                    assert a[key] == b[key], f"run {run + 1}, {mode}: {key}"
         kinds = set(a["layer changes"]["change"])
         assert kinds == [set(), {"added", "removed", "changed"}, {"changed"}][run]
         if run == 1:
@@ -333,14 +343,15 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cores", [3, 2], ids=["beside", "chained"])
 def test_report_failing_beside_its_second_processes_leaves_the_outputs(threaded, sample, iwec_epw,
-                                                                       tmp_path):
+                                                                       tmp_path, cores):
     """The driver fails while the second processes work: awaited, nothing half-written."""
     from pipeline import report, runs
 
     base = report_project(tmp_path / "project", sample, iwec_epw, threaded / "data/processed")
     config = report_config(base, "report.yaml")
-    report_run(base, config, "20000101T000001Z-aaaaaa", True)
+    report_run(base, config, "20000101T000001Z-aaaaaa", True, cores)
     out = base / "outputs"
     before = {name: runs.sha256_file(out / name) for name in runs.KEPT_OUTPUTS}
 
@@ -349,7 +360,7 @@ def test_report_failing_beside_its_second_processes_leaves_the_outputs(threaded,
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="broken"):
         mp.setattr(report, "render_markdown", broken)
-        report_run(base, config, "20000101T000002Z-bbbbbb", True)
+        report_run(base, config, "20000101T000002Z-bbbbbb", True, cores)
     assert {name: runs.sha256_file(out / name) for name in runs.KEPT_OUTPUTS} == before
     failed = out / "runs/20000101T000002Z-bbbbbb"
     assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"

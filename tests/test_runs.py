@@ -163,6 +163,32 @@ def test_previous_snapshot_read_as_wkb_compares_like_geometries(tmp_path):
     assert changes.rekey(loaded) is loaded  # this version's keys are kept
 
 
+def test_snapshot_written_with_the_stored_wkb_equals_the_encoded_one(tmp_path):
+    """The snapshot takes the yield file's WKB when its rows are the file's, else encodes."""
+    from pipeline.io import write_parquet_atomic
+
+    g1, g2 = rect(0, 0), rect(100, 0, 12.5, 7.25)
+    cur = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g1),
+                ("s:b", "s:b", "s", "A", "school", 20.0, 24.0, "k2", g2)])
+    src = tmp_path / "yield_buildings.parquet"
+    # the file's footprints differ from the snapshot's in their WKB bytes only where it is used
+    write_parquet_atomic(gpd.GeoDataFrame({"building_id": ["s:a", "s:b"], "x": [1, 2]},
+                                          geometry=[g1, shapely.reverse(g2)], crs=CRS), src)
+    changes.write_snapshot(cur, tmp_path / "encoded.parquet")
+    changes.write_snapshot(cur, tmp_path / "stored.parquet", src)
+    encoded, stored = (gpd.read_parquet(tmp_path / f) for f in ("encoded.parquet",
+                                                                 "stored.parquet"))
+    assert stored.crs == encoded.crs == cur.crs
+    pd.testing.assert_frame_equal(pd.DataFrame(stored.drop(columns="geometry")),
+                                  pd.DataFrame(encoded.drop(columns="geometry")))
+    assert stored.geometry.iloc[1].equals_exact(shapely.reverse(g2), 0)  # the file's bytes
+    assert encoded.geometry.iloc[1].equals_exact(g2, 0)
+    # other rows than the file's: encoded from the snapshot
+    changes.write_snapshot(cur.iloc[::-1], tmp_path / "reordered.parquet", src)
+    back = gpd.read_parquet(tmp_path / "reordered.parquet")
+    assert back.geometry.iloc[0].equals_exact(g2, 0)
+
+
 def test_geometry_key_ignores_vertex_order_and_keys_repeat():
     a = shapely.Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
     b = shapely.Polygon([(10, 5), (0, 5), (0, 0), (10, 0)])  # same square, other start
