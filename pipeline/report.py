@@ -446,47 +446,54 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     return rows[0]
 
 
-def write_layer_then_compare(layer_args: tuple, changes_args: tuple
-                             ) -> tuple[int, changes.BuildingChanges]:
-    """Second process on few cores: the buildings layer, then the change list.
+class SecondProcesses:
+    """The report's second processes: the buildings layer and the change list.
 
-    Parameters
+    Attributes
     ----------
-    layer_args : tuple
-        Arguments of :func:`write_buildings_layer`.
-    changes_args : tuple
-        Arguments of :func:`pipeline.changes.building_changes_from_file`.
-
-    Returns
-    -------
-    tuple
-        Rows written and the change list.
-    """
-    return (write_buildings_layer(*layer_args),
-            changes.building_changes_from_file(*changes_args))
-
-
-class ItemFuture:
-    """One item of the tuple a future gives, waited for like a future.
-
-    Parameters
-    ----------
-    future : concurrent.futures.Future
-        A future whose result is a tuple.
-    index : int
-        The item.
+    streamed : Future or None
+        :func:`write_buildings_layer` (None: the driver writes the layer).
+    compared : Future or None
+        :func:`pipeline.changes.building_changes_from_file`, started.
+    deferred : tuple or None
+        Its arguments, when it starts only once the buildings layer is
+        written (fewer than ``report.changes_process_min_cores`` cores: the
+        same second process then does both, one after the other).
     """
 
-    def __init__(self, future: Any, index: int) -> None:
-        self.future, self.index = future, index
+    def __init__(self) -> None:
+        self.streamed: Any = None
+        self.compared: Any = None
+        self.deferred: tuple | None = None
 
-    def result(self) -> Any:
-        """Wait for the future; its item (or raise what it raised)."""
-        return self.future.result()[self.index]
+    @property
+    def compares(self) -> bool:
+        """Whether a second process compares the buildings (else the driver does)."""
+        return self.compared is not None or self.deferred is not None
 
-    def cancel(self) -> bool:
-        """Cancel the future if it has not started."""
-        return self.future.cancel()
+    def poll(self) -> None:
+        """Start the deferred change list if the buildings layer is written."""
+        if (self.deferred is not None and self.streamed.done()
+                and self.streamed.exception() is None):
+            self.compared = parallel.submit_background(changes.building_changes_from_file,
+                                                       *self.deferred)
+            self.deferred = None
+
+    def change_list(self) -> changes.BuildingChanges:
+        """Wait for the change list (starting it after the layer if it waits for it)."""
+        if self.deferred is not None:
+            self.streamed.result()  # raises what the layer's writer raised
+            self.poll()
+        return self.compared.result()
+
+    def stop(self) -> None:
+        """Cancel what has not started and wait for what has (errors are not raised)."""
+        self.deferred = None
+        for future in (self.streamed, self.compared):
+            if future is not None:
+                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.result()
 
 
 #: GDAL configuration of writes into the report's temporary GeoPackage: no rollback journal and
@@ -614,32 +621,26 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         # at the end, and none does if anything fails
         tmp = {name: outputs.enter_context(atomic_path(outdir / name)) for name in
                ("rooftop_pv.gpkg", "report.md", "report.html", "rooftop_pv.xlsx")}
-        streamed = compared = None
+        second = SecondProcesses()
         layer_args = (str(src), str(tmp["rooftop_pv.gpkg"]), dv.building_plan_args(cfg, *inputs),
                       {"DESCRIPTION": dv.LAYER_DESCRIPTIONS["buildings"]}, metadata_items(prov))
-        # the buildings are compared with the previous run's in a second process too, but not
-        # with existing PV, whose roofs' capacities the plan changes, nor with towns, whose
-        # partitions would wait for the workers
-        compare_too = background and all(x is None for x in inputs)
-        if compare_too and available_cores() < cfg.report.changes_process_min_cores:
-            # few cores: after the buildings layer, in the same second process
-            both = parallel.submit_background(write_layer_then_compare, layer_args,
-                                              changes.building_changes_args(cfg, src))
-            streamed, compared = ItemFuture(both, 0), ItemFuture(both, 1)
-        elif background:  # the buildings layer, the largest, is written meanwhile
-            streamed = parallel.submit_background(write_buildings_layer, *layer_args)
-            if compare_too:  # and, beside it, the change list
-                compared = parallel.submit_background(changes.building_changes_from_file,
-                                                      *changes.building_changes_args(cfg, src))
+        if background:  # the buildings layer, the largest, is written meanwhile
+            second.streamed = parallel.submit_background(write_buildings_layer, *layer_args)
+        if background and all(x is None for x in inputs):
+            # and the buildings are compared with the previous run's in a second process too;
+            # not with existing PV, whose roofs' capacities the plan changes, nor with towns,
+            # whose partitions would wait for the workers
+            args = changes.building_changes_args(cfg, src)
+            if available_cores() >= cfg.report.changes_process_min_cores:
+                second.compared = parallel.submit_background(
+                    changes.building_changes_from_file, *args)
+            else:  # few cores: once the buildings layer is written
+                second.deferred = args
         try:
             result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
-                             tmp, streamed, compared, step)
+                             tmp, second, step)
         except BaseException:
-            for future in (streamed, compared):
-                if future is not None:
-                    future.cancel()
-                    with contextlib.suppress(Exception):
-                        future.result()  # let it stop writing before its file is removed
+            second.stop()  # let them stop writing before their files are removed
             raise
     step("replace")
     log.info("report: %d buildings, %d districts, %d targets, %d ranked roofs, %d rejected "
@@ -650,12 +651,11 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
 
 def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
             districts: gpd.GeoDataFrame, prov: dict, inputs: tuple, font: str,
-            tmp: dict[str, Path], streamed: Any, compared: Any, step: Any) -> dict:
+            tmp: dict[str, Path], second: SecondProcesses, step: Any) -> dict:
     """The report stage's work, into the temporary output files of :func:`run`.
 
-    ``streamed`` and ``compared`` are the futures of the second processes
-    (:func:`write_buildings_layer`, :func:`pipeline.changes.building_changes_from_file`),
-    or None where the driver does that work itself.
+    ``second`` holds the second processes' futures; where one is None the
+    driver does that work itself.
     """
     from pipeline import deliverables as dv
     from pipeline.provenance import metadata_items
@@ -665,6 +665,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     proc = base_dir / cfg.paths.processed_dir
     # the driver never writes the buildings layer when it is streamed: it reads only the
     # columns the rest of the report uses
+    streamed = second.streamed
     columns = report_columns(src) if streamed is not None else None
     buildings = gpd.read_parquet(src, columns=columns)
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
@@ -680,27 +681,25 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                              cfg.plan.grid_emission_factor_t_co2_per_mwh)
     by_type = summarise(buildings, ["district_name", "building_type"])
     step("plan")
+    second.poll()
     monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
                          base_dir)
     md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov)
     step("markdown")
+    second.poll()
     table = assumptions(config_path, ASSUMPTION_SECTIONS)
     dv.write_html(tmp["report.html"], cfg, plan, dlayer, by_type, monthly, accounting,
                   table, rule_view(cfg, dlayer), prov, font)
     step("html")
+    second.poll()
     write_workbook(tmp["rooftop_pv.xlsx"], dv.workbook_sheets(plan, dlayer, by_type, table, prov))
     step("workbook")
-    if compared is None:
+    if not second.compares:
         part = changes.building_changes(
             changes.snapshot(buildings, changes.sources_without_id(cfg)), *changes.run_dirs(),
             src)
         step("changes")
-    else:
-        part = compared.result()
-        step("changes (wait)")
-    change_layers, change_md = changes.report_changes(dlayer, part)
-    tmp["report.md"].write_text(md + "\n" + change_md, encoding="utf-8")
     layers = {
         "buildings": buildings,
         "districts": dlayer,
@@ -714,21 +713,34 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
         layers["town_targets"] = plan.split
     if plan.systems is not None:
         layers["existing_pv"] = plan.systems
-    layers.update(change_layers)
     # the styles name the fields of the whole buildings layer, as it is written
     fields = ({"buildings": layer_fields(src, buildings)} if columns is not None else None)
-    layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n, fields)
     gpkg = tmp["rooftop_pv.gpkg"]
+    written = dict(layers)
     if streamed is not None:
         rows = streamed.result()
         if rows != len(buildings):
             raise RuntimeError(f"{gpkg}: the buildings layer has {rows} rows, the report "
                                f"{len(buildings)}")
         step("geopackage buildings (wait)")
-        layers.pop("buildings")
-    write_layers(gpkg, layers, options, metadata_items(prov))
-    check_geopackage(gpkg)  # PRAGMA quick_check before it replaces the old one
+        second.poll()  # the change list starts now, if it waited for the layer
+        written.pop("buildings")
+    # the plan's layers are written while the buildings are compared; the change layers and
+    # the styles of all layers follow
+    _, options = dv.geopackage_layers(written, cfg.plan.report_top_n, fields)
+    write_layers(gpkg, written, options, metadata_items(prov))
     step("geopackage")
+    if second.compares:
+        part = second.change_list()
+        step("changes (wait)")
+    change_layers, change_md = changes.report_changes(dlayer, part)
+    tmp["report.md"].write_text(md + "\n" + change_md, encoding="utf-8")
+    layers.update(change_layers)
+    layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n, fields)
+    write_layers(gpkg, {k: v for k, v in layers.items()
+                        if k not in written and k != "buildings"}, options, metadata_items(prov))
+    check_geopackage(gpkg)  # PRAGMA quick_check before it replaces the old one
+    step("geopackage changes")
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
                        len(rejected))}
