@@ -7,6 +7,14 @@ repairs what ``make_valid`` can turn into a polygon, reprojects to the one
 metric working CRS and assigns each footprint to the district its centroid
 lies in. Every feature read is either kept or rejected with a reason.
 
+Sources are read in chunks by the workers and the kept buildings merged,
+sorted along a Hilbert curve, one partition of ``dask.rows_per_partition``
+rows per task (:func:`run`, :func:`merge_spills`). Duplicates are dropped
+within each merged partition, after every group of footprints that could be
+linked by duplicate pairs (their bounding boxes overlap enough,
+:func:`pipeline.dedup.candidate_groups`) has been moved into one partition:
+the buildings kept and rejected are the same for any partition size.
+
 Defects handled here (README "When the data is bad"): attribute parsing and
 ranges (:mod:`pipeline.attributes`), a declared CRS that does not fit the
 coordinates and GCJ-02 sources (:mod:`pipeline.coords`), duplicates within
@@ -532,9 +540,10 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     one partition per task, into ``ingest_buildings.parquet``, spatially
     sorted, one row group per partition, so that later stages stream compact
     patches of the map. Duplicates (:mod:`pipeline.dedup`) and the GCJ-02
-    evidence are found within each merged partition: two records of one
-    building have nearly the same centre, so they fall in the same partition
-    unless a partition boundary passes between their centres.
+    evidence are found within each merged partition; footprints that could be
+    duplicates across a partition edge are first moved into one partition
+    (:func:`merge_spills`), so the duplicates found do not depend on the
+    partition size.
 
     Parameters
     ----------
@@ -894,8 +903,10 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     dict
         ``source``, ``read``, ``kept``, ``near`` (features within the
         CRS-check margin of the districts), ``attribute_issues``, ``keys``
-        (sorted Hilbert keys of the spilled rows), ``spill``, and the
-        ``areas``, ``pois`` and ``rejected`` rows as GeoDataFrames.
+        (sorted Hilbert keys of the spilled rows), ``bounds_m`` (their
+        bounding boxes, shape (kept, 4) [m]) and ``area_m2`` (their areas
+        [m2]) in the same order, ``spill``, and the ``areas``, ``pois`` and
+        ``rejected`` rows as GeoDataFrames.
     """
     from pipeline.coords import _points, _share_near
     from pipeline.stream import spatial_keys, to_arrow, write_arrow_file
@@ -929,6 +940,7 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
                             geometry="geometry", crs=working_crs)
     keys = spatial_keys(kept.geometry.to_numpy(), bounds)
     order = np.argsort(keys, kind="stable")
+    spilled = np.asarray(kept.geometry.array)[order]
     table = to_arrow(kept.iloc[order].reset_index(drop=True))
     write_arrow_file(table, spill_path)
     areas = norm[norm["role"].eq("area")][["building_id", "source", "source_id",
@@ -945,7 +957,8 @@ def ingest_chunk(src: SourceConfig, chunk: tuple, building_ids: np.ndarray,
     return {
         "source": src.name, "read": len(norm), "kept": len(kept), "near": near,
         "attribute_issues": int(norm["attribute_issues"].notna().sum()),
-        "keys": keys[order], "spill": spill_path,
+        "keys": keys[order], "bounds_m": shapely.bounds(spilled),
+        "area_m2": shapely.area(spilled), "spill": spill_path,
         "areas": areas, "pois": pois, "rejected": rejected,
     }
 
@@ -956,9 +969,19 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
 
     Partition boundaries are quantiles of all Hilbert keys, so partitions
     hold about ``dask.rows_per_partition`` rows each. Each partition is a
-    task (:func:`merge_partition`) that reads only its key range from every
-    spill, drops duplicates and counts the GCJ-02 evidence; it becomes one
-    row group.
+    task (:func:`merge_partition`) that reads its rows from every spill,
+    drops duplicates and counts the GCJ-02 evidence; it becomes one row
+    group, sorted by key.
+
+    Duplicates are only compared within a partition, so before the tasks are
+    made every group of footprints that could hold a chain of duplicates
+    (:func:`pipeline.dedup.candidate_groups`, from the chunks' bounding boxes
+    and areas: no geometry is read here) and that straddles a partition edge
+    is moved wholly into the partition of its smallest key
+    (:func:`merge_plan`). The duplicates found are then those of one
+    run over all footprints, whatever the partition size; the few moved rows
+    are sorted in by key, so a row group's key range may reach a little into
+    its neighbour's.
 
     Parameters
     ----------
@@ -982,31 +1005,28 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
     """
     from pipeline.stream import unspill, write_tables
 
-    keys = [r["keys"] for r in results]
-    all_keys = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
-    size = rows_per_partition()
-    edges = [None, *all_keys[size::size].tolist(), None]
+    t0 = time.perf_counter()
+    plan = merge_plan([r["keys"] for r in results], [r["bounds_m"] for r in results],
+                      [r["area_m2"] for r in results], rows_per_partition(),
+                      icfg.dedup_min_overlap_share, icfg.dedup_min_area_ratio)
+    n_rows = sum(len(r["keys"]) for r in results)
+    log.info("ingest merge: %d rows in %d partitions planned in %.2f s", n_rows, len(plan),
+             time.perf_counter() - t0)
     tasks = []
-    for lo, hi in itertools.pairwise(edges):
-        slices = []
-        for r, k in zip(results, keys, strict=True):
-            a = 0 if lo is None else int(np.searchsorted(k, lo, "left"))
-            b = len(k) if hi is None else int(np.searchsorted(k, hi, "left"))
-            if b > a:
-                slices.append((r["spill"], a, b, k[a:b]))
-        if slices or not tasks:
-            if not slices and results:  # no building at all: an empty table with the schema
-                slices = [(results[0]["spill"], 0, 0, keys[0][:0])]
-            spill = (str(spill_dir / f"merged_{len(tasks):06d}.arrow")
-                     if spill_dir is not None and parallel.local_processes() else None)
-            tasks.append((slices, icfg.dedup_min_overlap_share, icfg.dedup_min_area_ratio,
-                          source_order, spill))
+    for part in plan:
+        slices = [(results[n]["spill"], a, b, take, k) for n, a, b, take, k in part]
+        if not slices and results:  # no building at all: an empty table with the schema
+            slices = [(results[0]["spill"], 0, 0, None, results[0]["keys"][:0])]
+        spill = (str(spill_dir / f"merged_{len(tasks):06d}.arrow")
+                 if spill_dir is not None and parallel.local_processes() else None)
+        tasks.append((slices, icfg.dedup_min_overlap_share, icfg.dedup_min_area_ratio,
+                      source_order, spill))
     dups: list[gpd.GeoDataFrame] = []
     counts: dict[tuple[str, str], tuple[int, int]] = {}
 
     def tables() -> Iterator[pa.Table]:
         for table, dup, gcj in map_tasks(merge_partition, tasks, label="ingest merge",
-                                         sizes=[sum(s[2] - s[1] for s in t[0]) for t in tasks]):
+                                         sizes=[sum(len(s[4]) for s in t[0]) for t in tasks]):
             dups.append(dup)
             for pair, (x, y) in gcj.items():
                 old = counts.get(pair, (0, 0))
@@ -1016,18 +1036,125 @@ def merge_spills(results: list[dict], out: Path, icfg: IngestConfig, source_orde
     rows, _ = write_tables(tables(), out)
     dup_frame = (concat_frames(dups, None) if dups else
                  pd.DataFrame(columns=["stage", *REJECTED_COLUMNS]))
+    log.info("ingest merge: %d rows in, %d kept, %d duplicates rejected, in %d partitions",
+             n_rows, rows, len(dup_frame), len(tasks))
     return rows, dup_frame, counts
 
 
-def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_share: float,
-                    min_area_ratio: float, source_order: list[str], spill: str | None = None
-                    ) -> tuple[pa.Table | str, gpd.GeoDataFrame, dict]:
+def merge_plan(keys: list[np.ndarray], bounds_m: list[np.ndarray], area_m2: list[np.ndarray],
+               rows_per_part: int, min_overlap_share: float, min_area_ratio: float
+               ) -> list[list[tuple[int, int, int, np.ndarray | None, np.ndarray]]]:
+    """Which rows of which spill each merge partition reads (see :func:`merge_spills`).
+
+    Partitions are ranges of the Hilbert key between quantiles of all keys;
+    then every group of possible duplicates
+    (:func:`pipeline.dedup.candidate_groups`) that spans partitions is moved
+    into the first of them (:func:`group_partitions`).
+
+    Parameters
+    ----------
+    keys : list of ndarray of int64
+        Each spill's sorted Hilbert keys.
+    bounds_m : list of ndarray, shape (rows, 4)
+        Each spill's bounding boxes [m], in the order of ``keys``.
+    area_m2 : list of ndarray
+        Each spill's footprint areas [m2], in the order of ``keys``.
+    rows_per_part : int
+        Target rows per partition [rows].
+    min_overlap_share, min_area_ratio : float
+        Duplicate thresholds [-] (:func:`pipeline.dedup.find_duplicates`).
+
+    Returns
+    -------
+    list of list of (spill, start, stop, take, keys)
+        Per partition, in key order (partitions left empty are dropped, but
+        at least one is returned): the spill's number, the row range to
+        read, the positions within it to take (None: all) and the keys of
+        the rows taken.
+    """
+    from pipeline.dedup import candidate_groups
+
+    starts = np.cumsum([0, *map(len, keys)])
+    all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    edges = np.sort(all_keys)[rows_per_part::rows_per_part]
+    by_key = np.searchsorted(edges, all_keys, "right")  # partition of each row's key range
+    group = candidate_groups(np.concatenate([np.empty((0, 4)), *bounds_m]),
+                             np.concatenate([np.empty(0), *area_m2]), min_overlap_share,
+                             min_area_ratio, rows_per_part)
+    home = group_partitions(by_key, group)
+    moved = np.flatnonzero(home != by_key)
+    log.info("ingest merge: %d of %d rows moved to keep %d groups of possible duplicates in one "
+             "partition", len(moved), len(all_keys), len(np.unique(group[moved])))
+    largest = int(np.bincount(group).max(initial=0))
+    if largest > rows_per_part:
+        log.warning("ingest merge: %d footprints form one group of possible duplicates, more "
+                    "than a partition (dask.rows_per_partition = %d): their bounding boxes "
+                    "overlap in a chain, or one footprint's box is far larger than the footprint "
+                    "(a spike); its partition is merged as one larger task", largest,
+                    rows_per_part)
+    # per spill: where each partition's key range starts, and the spill's moved rows
+    cuts = [np.searchsorted(by_key[a:b], np.arange(len(edges) + 2))
+            for a, b in itertools.pairwise(starts)]
+    moved_by_spill = [moved[(moved >= a) & (moved < b)] for a, b in itertools.pairwise(starts)]
+    plan = []
+    for part in range(len(edges) + 1):
+        slices = []
+        for n, k in enumerate(keys):
+            a, b = int(cuts[n][part]), int(cuts[n][part + 1])
+            mine = moved_by_spill[n]
+            away, back = mine[by_key[mine] == part], mine[home[mine] == part]
+            if len(away) or len(back):
+                stay = np.ones(b - a, dtype=bool)
+                stay[away - starts[n] - a] = False  # rows moved away lie in the key range
+                rows = np.sort(np.r_[np.arange(a, b)[stay], back - starts[n]])
+                if len(rows):
+                    slices.append((n, int(rows[0]), int(rows[-1]) + 1, rows - rows[0], k[rows]))
+            elif b > a:
+                slices.append((n, a, b, None, k[a:b]))
+        if slices or not plan:
+            plan.append(slices)
+    return plan
+
+
+def group_partitions(partition: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """The partition each row is merged in: a group's rows all go to its first partition.
+
+    Parameters
+    ----------
+    partition : ndarray of int
+        Each row's partition by key range (partitions numbered in key order).
+    group : ndarray of int
+        Each row's group, as the position of a row of the group
+        (:func:`pipeline.dedup.candidate_groups`).
+
+    Returns
+    -------
+    ndarray of int
+        ``partition``, with the rows of every group that spans several
+        partitions moved to the smallest of them (the partition of the
+        group's smallest key).
+    """
+    home = np.array(partition, copy=True)
+    grouped = np.flatnonzero(group != np.arange(len(group)))
+    in_group = np.zeros(len(group), dtype=bool)
+    in_group[grouped] = in_group[group[grouped]] = True
+    rows = np.flatnonzero(in_group)  # every row of a group of two or more
+    np.minimum.at(home, group[rows], partition[rows])
+    home[rows] = home[group[rows]]
+    return home
+
+
+def merge_partition(slices: list[tuple[str, int, int, np.ndarray | None, np.ndarray]],
+                    min_overlap_share: float, min_area_ratio: float, source_order: list[str],
+                    spill: str | None = None) -> tuple[pa.Table | str, gpd.GeoDataFrame, dict]:
     """One partition of ``ingest_buildings``: gather, sort, drop duplicates (a task).
 
     Parameters
     ----------
-    slices : list of (spill, start, stop, keys)
-        Row ranges of the spills (Arrow IPC, memory-mapped) and their keys.
+    slices : list of (spill, start, stop, take, keys)
+        Row ranges of the spills (Arrow IPC, memory-mapped); ``take`` the
+        positions within the range of the rows to read (None: all of them);
+        ``keys`` the Hilbert keys of the rows read.
     min_overlap_share, min_area_ratio : float
         Duplicate thresholds [-] (:func:`pipeline.dedup.find_duplicates`).
     source_order : list of str
@@ -1045,11 +1172,12 @@ def merge_partition(slices: list[tuple[str, int, int, np.ndarray]], min_overlap_
     from pipeline.stream import _from_arrow, hand_over
 
     parts = []
-    for path, a, b, _ in slices:
+    for path, a, b, take, _ in slices:
         # memory-mapped: only the slice's pages are read; take() below copies
-        parts.append(pa.ipc.open_file(pa.memory_map(path, "r")).read_all().slice(a, b - a))
+        part = pa.ipc.open_file(pa.memory_map(path, "r")).read_all().slice(a, b - a)
+        parts.append(part if take is None else part.take(pa.array(take, type=pa.int64())))
     table = pa.concat_tables(parts, promote_options="permissive")
-    order = np.argsort(np.concatenate([s[3] for s in slices]), kind="stable")
+    order = np.argsort(np.concatenate([s[4] for s in slices]), kind="stable")
     table = table.take(pa.array(order, type=pa.int64())).combine_chunks()
     frame = _from_arrow(table)
     dups = find_duplicates(frame, min_overlap_share, min_area_ratio, source_order)

@@ -54,6 +54,26 @@ def iwec(iwec_epw: Path):
     return read_weather(WeatherConfig(path=iwec_epw), ROOT)
 
 
+def ingest_config(tmp: Path, sources: list[dict]):
+    """A config over the bad-input corpus districts with these sources, outputs under ``tmp``."""
+    import geopandas as gpd
+    import yaml
+
+    from pipeline.config import load_config
+
+    districts = ROOT / "tests/data/bad/districts.geojson"
+    raw = yaml.safe_load((ROOT / "configs/shanghai.yaml").read_text(encoding="utf-8"))
+    raw["paths"] = {"processed_dir": str(tmp / "processed"), "outputs_dir": str(tmp / "out")}
+    raw["districts"] = {"path": str(districts), "layer": None, "name_field": "district_name",
+                        "code_field": "district_adcode", "crs_if_missing": None}
+    raw["sources"] = sources
+    raw["targets"] = [{"id": "jia", "district_name": gpd.read_file(districts)["district_name"]
+                       .iloc[0], "required_mw": 1.0, "period": "2025", "source": "test"}]
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return load_config(cfg)
+
+
 def make_base(base: Path, sample: Path, epw: Path) -> Path:
     """A project root in ``base`` with the sample, the EPW and the configs linked in."""
     (base / "data/raw/weather").mkdir(parents=True, exist_ok=True)

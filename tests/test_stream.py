@@ -10,12 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import shapely
-import yaml
 from shapely.geometry import box
 
 from pipeline import ingest
 from pipeline.columns import map_unique, records_json
-from pipeline.config import load_config
 from pipeline.parallel import scheduler_context
 from pipeline.stream import (
     map_file,
@@ -25,7 +23,7 @@ from pipeline.stream import (
     to_arrow,
     write_tables,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ingest_config
 
 BAD = ROOT / "tests/data/bad"
 
@@ -127,19 +125,9 @@ def chunked_source(tmp_path):
                            geometry=[*geoms, geoms[0]], crs="EPSG:32651")
     src.loc[3, "geometry"] = box(x0 + 120, y0, x0 + 122, y0 + 2)  # 4 m2: too small
     write_row_groups(src, tmp_path / "src.parquet", 10)
-    raw = yaml.safe_load((ROOT / "configs/shanghai.yaml").read_text(encoding="utf-8"))
-    raw["paths"] = {"processed_dir": str(tmp_path / "processed"),
-                    "outputs_dir": str(tmp_path / "out")}
-    raw["districts"] = {"path": str(BAD / "districts.geojson"), "layer": None,
-                        "name_field": "district_name", "code_field": "district_adcode",
-                        "crs_if_missing": None}
-    raw["sources"] = [{"name": "t", "kind": "vector", "path": str(tmp_path / "src.parquet"),
-                       "id_field": "fid", "columns": {"tag_building": "building"}}]
-    raw["targets"] = [{"id": "jia", "district_name": districts["district_name"].iloc[0],
-                       "required_mw": 1.0, "period": "2025", "source": "test"}]
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return load_config(cfg), tmp_path
+    return ingest_config(tmp_path, [{
+        "name": "t", "kind": "vector", "path": str(tmp_path / "src.parquet"), "id_field": "fid",
+        "columns": {"tag_building": "building"}}]), tmp_path
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "processes"])
