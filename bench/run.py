@@ -13,9 +13,10 @@ memory (summed RSS of the process and all its children, sampled every
 
 It prints wall time, buildings per second, the pipeline / I/O floor ratio,
 the time of each stage (from the pipeline's log) and the peak RSS, and
-writes the same numbers to ``data/bench/results.json``.
+writes the same numbers to ``data/bench/results.json``. With ``--repeat R``
+each measurement runs R times and the medians are reported.
 
-    python -m bench.run --sizes 250000 1000000 2000000
+    python -m bench.run --sizes 250000 1000000 2000000 [--repeat 2]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -114,7 +116,12 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": wall, "peak_rss_gib": peak[0] / 2**30, "stderr": err}
 
 
-def run_size(n: int, speedup: bool, scheduler: str) -> dict:
+def run_size(n: int, speedup: bool, scheduler: str, repeat: int = 1) -> dict:
+    """The I/O floor and the pipeline runs at one size, each ``repeat`` times.
+
+    Times are the median of the repeats (``runs_s`` lists them all; stage times
+    are medians too), the peak RSS the largest of them.
+    """
     data = BENCH / f"buildings_{n}.parquet"
     if not data.exists():
         print(f"generating {n:,} buildings -> {data}", flush=True)
@@ -122,19 +129,35 @@ def run_size(n: int, speedup: bool, scheduler: str) -> dict:
     work = BENCH / str(n)
     py = sys.executable
     gpkg = work / "io_floor.gpkg"
-    gpkg.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    io = measured([py, "-c", IO_FLOOR, str(data), str(gpkg)])
+    floors = []
+    for _ in range(repeat):
+        gpkg.unlink(missing_ok=True)
+        floors.append(measured([py, "-c", IO_FLOOR, str(data), str(gpkg)]))
     gpkg.unlink(missing_ok=True)
-    res = {"n": n, "io_floor_s": io["seconds"], "io_floor_peak_rss_gib": io["peak_rss_gib"]}
+    res = {"n": n, "repeat": repeat,
+           "io_floor_s": statistics.median(f["seconds"] for f in floors),
+           "io_floor_runs_s": [f["seconds"] for f in floors],
+           "io_floor_peak_rss_gib": max(f["peak_rss_gib"] for f in floors)}
     for workers in ([2, 1] if speedup else [2]):
         cfg = bench_config(n, data, work, scheduler, workers)
-        run = measured([py, "-m", "pipeline", "run", "--config", str(cfg)],
-                       env={"PYTHONPATH": str(ROOT), "ROOFTOP_PV_PROGRESS": "0"})
-        stages = {m.group(1): float(m.group(2)) for m in STAGE_RE.finditer(run["stderr"])}
-        res[f"pipeline_{workers}w"] = {"seconds": run["seconds"],
-                                       "peak_rss_gib": run["peak_rss_gib"], "stages": stages}
-        (work / f"pipeline_{workers}w.log").write_text(run["stderr"], encoding="utf-8")
+        runs = []
+        for k in range(repeat):
+            run = measured([py, "-m", "pipeline", "run", "--config", str(cfg)],
+                           env={"PYTHONPATH": str(ROOT), "ROOFTOP_PV_PROGRESS": "0"})
+            run["stages"] = {m.group(1): float(m.group(2))
+                             for m in STAGE_RE.finditer(run["stderr"])}
+            runs.append(run)
+            suffix = "" if k == 0 else f"_{k + 1}"
+            (work / f"pipeline_{workers}w{suffix}.log").write_text(run["stderr"],
+                                                                   encoding="utf-8")
+        res[f"pipeline_{workers}w"] = {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "runs_s": [r["seconds"] for r in runs],
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+            "stages": {name: statistics.median(r["stages"].get(name, float("nan"))
+                                               for r in runs)
+                       for name in runs[0]["stages"]}}
     p2 = res["pipeline_2w"]["seconds"]
     res["buildings_per_s"] = n / p2
     res["ratio_pipeline_io_floor"] = p2 / res["io_floor_s"]
@@ -152,19 +175,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="dask scheduler for the pipeline runs (default processes: "
                         "the kernels' pandas code holds the GIL, so threads share one core "
                         "for much of the run)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each measurement; the medians are reported (run-to-run "
+                        "differences on a shared 2-core machine reach 20%%)")
     args = parser.parse_args(argv)
     load = os.getloadavg()
     print(f"cores {os.cpu_count()}, load average before the run {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f}", flush=True)
     results = []
     for n in args.sizes:
-        r = run_size(n, n in args.speedup_sizes, args.scheduler)
+        r = run_size(n, n in args.speedup_sizes, args.scheduler, args.repeat)
         results.append(r)
         p = r["pipeline_2w"]
         stages = "  ".join(f"{k} {v:.1f}s" for k, v in p["stages"].items())
         line = (f"N={n:>9,}  pipeline {p['seconds']:6.1f} s  {r['buildings_per_s']:8,.0f} "
                 f"bldg/s  I/O floor {r['io_floor_s']:5.1f} s  ratio "
                 f"{r['ratio_pipeline_io_floor']:.2f}  peak RSS {p['peak_rss_gib']:.2f} GiB")
+        if r["repeat"] > 1:
+            line += "  (medians of runs " + ", ".join(f"{t:.1f}" for t in p["runs_s"]) + " s)"
         if "speedup_2w_over_1w" in r:
             line += (f"  1 worker {r['pipeline_1w']['seconds']:.1f} s, speed-up "
                      f"{r['speedup_2w_over_1w']:.2f}")

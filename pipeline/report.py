@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -465,6 +466,17 @@ class SecondProcesses:
         self.streamed: Any = None
         self.compared: Any = None
         self.deferred: tuple | None = None
+        self._lock = threading.Lock()
+
+    def defer(self, args: tuple) -> None:
+        """Start the change list with ``args`` as soon as the buildings layer is written.
+
+        The layer's future starts it from the thread that completes it; the
+        driver's :meth:`poll` and :meth:`change_list` start it too if that
+        failed.
+        """
+        self.deferred = args
+        self.streamed.add_done_callback(lambda _: self.poll())
 
     @property
     def compares(self) -> bool:
@@ -473,11 +485,12 @@ class SecondProcesses:
 
     def poll(self) -> None:
         """Start the deferred change list if the buildings layer is written."""
-        if (self.deferred is not None and self.streamed.done()
-                and self.streamed.exception() is None):
-            self.compared = parallel.submit_background(changes.building_changes_from_file,
-                                                       *self.deferred)
-            self.deferred = None
+        with self._lock:
+            if (self.deferred is not None and self.streamed.done()
+                    and self.streamed.exception() is None):
+                self.compared = parallel.submit_background(changes.building_changes_from_file,
+                                                           *self.deferred)
+                self.deferred = None
 
     def change_list(self) -> changes.BuildingChanges:
         """Wait for the change list (starting it after the layer if it waits for it)."""
@@ -488,7 +501,8 @@ class SecondProcesses:
 
     def stop(self) -> None:
         """Cancel what has not started and wait for what has (errors are not raised)."""
-        self.deferred = None
+        with self._lock:
+            self.deferred = None
         for future in (self.streamed, self.compared):
             if future is not None:
                 future.cancel()
@@ -635,7 +649,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                 second.compared = parallel.submit_background(
                     changes.building_changes_from_file, *args)
             else:  # few cores: once the buildings layer is written
-                second.deferred = args
+                second.defer(args)
         try:
             result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
                              tmp, second, step)
