@@ -52,6 +52,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -303,14 +304,17 @@ def district_snapshot(dlayer: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame, crs: Any = None
+            ) -> gpd.GeoDataFrame:
     """Buildings added, removed and changed between two snapshots.
 
     Parameters
     ----------
     previous, current : GeoDataFrame
-        Outputs of :func:`snapshot`; ``previous`` may hold WKB footprints
+        Outputs of :func:`snapshot`; either may hold WKB footprints
         (:func:`load_previous`).
+    crs : optional
+        CRS of the footprints when ``current`` is not a GeoDataFrame.
 
     Returns
     -------
@@ -362,7 +366,7 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame) -> gpd.GeoDat
     order = {"added": 0, "removed": 1, "changed": 2}
     out = out.sort_values(["change", "building_key"], key=lambda s: s.map(order)
                           if s.name == "change" else s, kind="stable").reset_index(drop=True)
-    return gpd.GeoDataFrame(out, geometry="geometry", crs=current.crs)
+    return gpd.GeoDataFrame(out, geometry="geometry", crs=getattr(current, "crs", None) or crs)
 
 
 def district_sums(snap: pd.DataFrame) -> pd.DataFrame:
@@ -566,17 +570,38 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
     """
     from pipeline.runs import SNAPSHOT_BUILDINGS
 
+    if run_dir is not None:
+        write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src)
+    return compare_snapshots(current, previous_dir)
+
+
+def compare_snapshots(current: pd.DataFrame, previous_dir: Path | None,
+                      crs: Any = None) -> BuildingChanges:
+    """Compare a building snapshot with the previous run's.
+
+    Parameters
+    ----------
+    current : DataFrame
+        This run's :func:`snapshot`, or the file it was written to read
+        back, with WKB footprints (``crs`` then gives their CRS).
+    previous_dir : Path or None
+        Folder of the previous run that wrote outputs (None: first run).
+    crs : optional
+        CRS of the footprints, if ``current`` has none.
+
+    Returns
+    -------
+    BuildingChanges
+    """
     prev = load_previous(previous_dir)
     if prev is None:
         # a first run has nothing to compare: the empty table of the same columns and types
         previous, prev_d = current, None
-        changes = compare(current.iloc[:0], current.iloc[:0])
+        changes = compare(current.iloc[:0], current.iloc[:0], crs)
     else:
         previous, prev_d = prev
         previous = rekey(previous)  # keys of this version, whatever wrote the snapshot
-        changes = compare(previous, current)
-    if run_dir is not None:
-        write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src)
+        changes = compare(previous, current, crs)
     return BuildingChanges(changes, district_sums(previous), district_sums(current), prev_d)
 
 
@@ -604,7 +629,7 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
 
     stored = None
     if src is not None:
-        meta = pq.read_schema(src).metadata or {}
+        meta = pq.read_metadata(src).metadata or {}  # the file's, as GeoParquetWriter ends it
         geo = json.loads(meta[b"geo"]) if b"geo" in meta else None
         name = geo["primary_column"] if geo else None
         if name is not None:
@@ -652,6 +677,30 @@ def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | N
     return building_changes(snapshot(buildings, set(no_id)),
                             Path(previous_dir) if previous_dir else None,
                             Path(run_dir) if run_dir else None, Path(src))
+
+
+def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
+                                   ) -> BuildingChanges:
+    """Background task: :func:`compare_snapshots` of a snapshot the driver wrote.
+
+    The footprints stay WKB; only those of added and changed buildings are
+    decoded.
+
+    Parameters
+    ----------
+    path : str
+        This run's snapshot (:func:`write_snapshot`).
+    previous_dir : str or None
+        Folder of the previous run that wrote outputs.
+    crs : pyproj.CRS or None
+        The footprints' CRS.
+
+    Returns
+    -------
+    BuildingChanges
+    """
+    return compare_snapshots(pd.read_parquet(path), Path(previous_dir) if previous_dir else None,
+                             crs)
 
 
 def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:

@@ -58,7 +58,7 @@ from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
 from pipeline.roof_report import roof_sections
-from pipeline.runs import check_geopackage
+from pipeline.runs import SNAPSHOT_BUILDINGS, check_geopackage
 
 log = logging.getLogger(__name__)
 
@@ -455,46 +455,55 @@ class SecondProcesses:
     streamed : Future or None
         :func:`write_buildings_layer` (None: the driver writes the layer).
     compared : Future or None
-        :func:`pipeline.changes.building_changes_from_file`, started.
-    deferred : tuple or None
-        Its arguments, when it starts only once the buildings layer is
-        written (fewer than ``report.changes_process_min_cores`` cores: the
-        same second process then does both, one after the other).
+        The change list, started: :func:`pipeline.changes.building_changes_from_file`
+        beside the layer, or :func:`pipeline.changes.building_changes_from_snapshot`
+        after it.
+    waiting : bool
+        With fewer than ``report.changes_process_min_cores`` cores the change
+        list waits for the driver's snapshot (:meth:`provide`) and for the
+        buildings layer, then runs in the same second process.
     """
 
     def __init__(self) -> None:
         self.streamed: Any = None
         self.compared: Any = None
-        self.deferred: tuple | None = None
-        self._lock = threading.Lock()
+        self.waiting = False
+        self._args: tuple | None = None
+        self._lock = threading.RLock()
 
-    def defer(self, args: tuple) -> None:
-        """Start the change list with ``args`` as soon as the buildings layer is written.
+    def defer(self) -> None:
+        """Compare the buildings once the driver's snapshot and the buildings layer are written.
 
-        The layer's future starts it from the thread that completes it; the
-        driver's :meth:`poll` and :meth:`change_list` start it too if that
-        failed.
+        The layer's future starts it from the thread that completes it if the
+        snapshot is there; :meth:`provide` if the layer is; :meth:`poll` and
+        :meth:`change_list` if neither could.
         """
-        self.deferred = args
+        self.waiting = True
         self.streamed.add_done_callback(lambda _: self.poll())
+
+    def provide(self, args: tuple) -> None:
+        """The arguments of :func:`pipeline.changes.building_changes_from_snapshot`."""
+        with self._lock:
+            self._args = args
+            self.poll()
 
     @property
     def compares(self) -> bool:
         """Whether a second process compares the buildings (else the driver does)."""
-        return self.compared is not None or self.deferred is not None
+        return self.compared is not None or self.waiting
 
     def poll(self) -> None:
-        """Start the deferred change list if the buildings layer is written."""
+        """Start the waiting change list if its snapshot and the buildings layer are written."""
         with self._lock:
-            if (self.deferred is not None and self.streamed.done()
+            if (self.waiting and self._args is not None and self.streamed.done()
                     and self.streamed.exception() is None):
-                self.compared = parallel.submit_background(changes.building_changes_from_file,
-                                                           *self.deferred)
-                self.deferred = None
+                self.compared = parallel.submit_background(
+                    changes.building_changes_from_snapshot, *self._args)
+                self.waiting = False
 
     def change_list(self) -> changes.BuildingChanges:
         """Wait for the change list (starting it after the layer if it waits for it)."""
-        if self.deferred is not None:
+        if self.compared is None:
             self.streamed.result()  # raises what the layer's writer raised
             self.poll()
         return self.compared.result()
@@ -502,7 +511,7 @@ class SecondProcesses:
     def stop(self) -> None:
         """Cancel what has not started and wait for what has (errors are not raised)."""
         with self._lock:
-            self.deferred = None
+            self.waiting = False
         for future in (self.streamed, self.compared):
             if future is not None:
                 future.cancel()
@@ -644,12 +653,13 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
             # and the buildings are compared with the previous run's in a second process too;
             # not with existing PV, whose roofs' capacities the plan changes, nor with towns,
             # whose partitions would wait for the workers
-            args = changes.building_changes_args(cfg, src)
             if available_cores() >= cfg.report.changes_process_min_cores:
                 second.compared = parallel.submit_background(
-                    changes.building_changes_from_file, *args)
-            else:  # few cores: once the buildings layer is written
-                second.defer(args)
+                    changes.building_changes_from_file, *changes.building_changes_args(cfg, src))
+            elif changes.run_dirs()[1] is not None:
+                # few cores: the driver writes the snapshot into the run's folder, the second
+                # process compares it once the buildings layer is written
+                second.defer()
         try:
             result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
                              tmp, second, step)
@@ -689,6 +699,14 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
     step("read")
+    if second.waiting:
+        previous_dir, run_dir = changes.run_dirs()
+        snapshot = run_dir / SNAPSHOT_BUILDINGS
+        changes.write_snapshot(changes.snapshot(buildings, changes.sources_without_id(cfg)),
+                               snapshot, src)
+        second.provide((str(snapshot), str(previous_dir) if previous_dir else None,
+                        buildings.crs))
+        step("snapshot")
     plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs)
     buildings, targets = plan.buildings, plan.targets
     dlayer = district_extras(district_layer(districts, buildings, cfg.policy, targets), targets,

@@ -165,15 +165,17 @@ def test_previous_snapshot_read_as_wkb_compares_like_geometries(tmp_path):
 
 def test_snapshot_written_with_the_stored_wkb_equals_the_encoded_one(tmp_path):
     """The snapshot takes the yield file's WKB when its rows are the file's, else encodes."""
-    from pipeline.io import write_parquet_atomic
+    from pipeline.stream import GeoParquetWriter, to_arrow
 
     g1, g2 = rect(0, 0), rect(100, 0, 12.5, 7.25)
     cur = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g1),
                 ("s:b", "s:b", "s", "A", "school", 20.0, 24.0, "k2", g2)])
     src = tmp_path / "yield_buildings.parquet"
-    # the file's footprints differ from the snapshot's in their WKB bytes only where it is used
-    write_parquet_atomic(gpd.GeoDataFrame({"building_id": ["s:a", "s:b"], "x": [1, 2]},
-                                          geometry=[g1, shapely.reverse(g2)], crs=CRS), src)
+    # the file's footprints differ from the snapshot's in their WKB bytes only where it is used;
+    # written as the stages write theirs (the geo metadata in the file's footer)
+    with GeoParquetWriter(src) as writer:
+        writer.write(to_arrow(gpd.GeoDataFrame({"building_id": ["s:a", "s:b"], "x": [1, 2]},
+                                               geometry=[g1, shapely.reverse(g2)], crs=CRS)))
     changes.write_snapshot(cur, tmp_path / "encoded.parquet")
     changes.write_snapshot(cur, tmp_path / "stored.parquet", src)
     encoded, stored = (gpd.read_parquet(tmp_path / f) for f in ("encoded.parquet",
