@@ -116,6 +116,7 @@ distclean: clean
 
 # ---- benchmark (prints numbers; generated data under data/bench/, gitignored)
 BENCH_SIZES ?= 250000 1000000 2000000
+BENCH_REPEAT ?= 2
 .PHONY: bench
 bench: $(VENV)/.installed data
-	PYTHONPATH=$(CURDIR) $(PY) -m bench.run --sizes $(BENCH_SIZES)
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.run --sizes $(BENCH_SIZES) --repeat $(BENCH_REPEAT)
