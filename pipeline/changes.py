@@ -703,6 +703,32 @@ def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
                              crs)
 
 
+def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, src: Path
+                            ) -> tuple:
+    """Write this run's snapshot into its run folder, for a second process to compare.
+
+    Parameters
+    ----------
+    buildings : GeoDataFrame
+        The yield stage's buildings, the rows of ``src`` in its order.
+    cfg : PipelineConfig
+        The configuration.
+    src : Path
+        ``yield_buildings.parquet`` (its stored WKB is written, :func:`write_snapshot`).
+
+    Returns
+    -------
+    tuple
+        The arguments of :func:`building_changes_from_snapshot`.
+    """
+    from pipeline.runs import SNAPSHOT_BUILDINGS
+
+    previous_dir, run_dir = run_dirs()
+    path = run_dir / SNAPSHOT_BUILDINGS
+    write_snapshot(snapshot(buildings, sources_without_id(cfg)), path, src)
+    return (str(path), str(previous_dir) if previous_dir else None, buildings.crs)
+
+
 def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:
     """Arguments of :func:`building_changes_from_file` in the run in progress.
 

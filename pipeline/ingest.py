@@ -53,8 +53,6 @@ import itertools
 import json
 import logging
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -559,6 +557,7 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
         rejections by reason.
     """
     from pipeline import incremental
+    from pipeline.stream import spill_folder
 
     if incremental.active() is not None:
         # scheduled reruns: the partition cache works on whole frames (pipeline.incremental)
@@ -568,8 +567,7 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     districts = load_districts(cfg.districts, cfg.working_crs, base_dir, cfg.targets)
     bounds = tuple(float(v) for v in districts.total_bounds)
-    spill_dir = Path(tempfile.mkdtemp(prefix=".ingest_spill_", dir=out_dir))
-    try:
+    with spill_folder(out_dir, ".ingest_spill_") as spill_dir:
         tasks, first_chunk = [], {}
         for src in cfg.sources:
             for n, (chunk, ids) in enumerate(source_chunks(src, base_dir)):
@@ -588,8 +586,6 @@ def run(cfg: PipelineConfig, base_dir: Path) -> dict:
         rows_kept, dup_rejected, counts = merge_spills(
             results, out_dir / "ingest_buildings.parquet", cfg.ingest,
             [s.name for s in cfg.sources], spill_dir)
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
 
     def gather(frames: list[pd.DataFrame]) -> gpd.GeoDataFrame:
         return concat_frames(frames, cfg.working_crs)

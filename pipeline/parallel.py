@@ -246,6 +246,18 @@ def n_workers() -> int:
     return int(_STATE.get("workers") or 1)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's).
+
+    Returns
+    -------
+    int
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def local_processes() -> bool:
     """The run's workers are local processes (the ``processes`` scheduler).
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -58,7 +57,7 @@ from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
 from pipeline.roof_report import roof_sections
-from pipeline.runs import SNAPSHOT_BUILDINGS, check_geopackage
+from pipeline.runs import check_geopackage
 
 log = logging.getLogger(__name__)
 
@@ -405,25 +404,26 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     # written as it is (polygons wrapped as one-part multipolygons), never decoded
     attributes_only = polygonal and plan_args[0] is None and plan_args[1] is None
     groups = [[i] for i in range(pf.metadata.num_row_groups)] or [[]]
-    rows = [0]
+    rows = 0
 
     def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
         for group in groups:
             table = pf.read_row_groups(group) if attributes_only else None
             multi = multipolygon_wkb(table.column(name)) if table is not None else None
             if multi is not None:
                 part = table.drop_columns([name]).to_pandas()
-                part.index = pd.RangeIndex(rows[0], rows[0] + len(part))
+                part.index = pd.RangeIndex(rows, rows + len(part))
                 part = plan_buildings(part, *plan_args)
             else:
                 part = read_partition(Path(src), group)
-                part.index = pd.RangeIndex(rows[0], rows[0] + len(part))
+                part.index = pd.RangeIndex(rows, rows + len(part))
                 part, _ = _layer_geometry(plan_buildings(part, *plan_args), polygonal)
                 multi = pa.array(shapely.to_wkb(np.asarray(part.geometry.array)), pa.binary())
                 part = pd.DataFrame(part.drop(columns=part.geometry.name))
             out = pa.Table.from_pandas(part, preserve_index=False)
             out = out.cast(_nulls_as_strings(out.schema))  # GDAL has no null type
-            rows[0] += len(part)
+            rows += len(part)
             out = out.append_column(name, multi)
             yield from out.to_batches() or [pa.RecordBatch.from_pylist([], schema=out.schema)]
 
@@ -444,7 +444,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
                             geometry_type="MultiPolygon" if polygonal else "Unknown",
                             crs=_gdal_crs(geo["columns"][name]), layer_options=layer_options,
                             **_dataset_kwargs(dataset_metadata))
-    return rows[0]
+    return rows
 
 
 class SecondProcesses:
@@ -653,7 +653,7 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
             # and the buildings are compared with the previous run's in a second process too;
             # not with existing PV, whose roofs' capacities the plan changes, nor with towns,
             # whose partitions would wait for the workers
-            if available_cores() >= cfg.report.changes_process_min_cores:
+            if parallel.available_cores() >= cfg.report.changes_process_min_cores:
                 second.compared = parallel.submit_background(
                     changes.building_changes_from_file, *changes.building_changes_args(cfg, src))
             elif changes.run_dirs()[1] is not None:
@@ -700,12 +700,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                            f"stage has {len(buildings)}")
     step("read")
     if second.waiting:
-        previous_dir, run_dir = changes.run_dirs()
-        snapshot = run_dir / SNAPSHOT_BUILDINGS
-        changes.write_snapshot(changes.snapshot(buildings, changes.sources_without_id(cfg)),
-                               snapshot, src)
-        second.provide((str(snapshot), str(previous_dir) if previous_dir else None,
-                        buildings.crs))
+        second.provide(changes.snapshot_for_comparison(buildings, cfg, src))
         step("snapshot")
     plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs)
     buildings, targets = plan.buildings, plan.targets
@@ -776,13 +771,6 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
                        len(rejected))}
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, else the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 #: Yield-stage columns that only the ``buildings`` layer shows: no summary, table, chart or

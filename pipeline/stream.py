@@ -17,11 +17,12 @@ place only then (:func:`pipeline.io.atomic_path`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,31 @@ def hand_over(table: pa.Table, spill: str | None) -> pa.Table | str:
         return table
     write_arrow_file(table, spill)
     return spill
+
+
+@contextlib.contextmanager
+def spill_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A hidden folder in ``parent`` for tasks' hand-over files, removed at the end.
+
+    Parameters
+    ----------
+    parent : Path
+        Where (beside the stage's output, so the files stay on its disk).
+    prefix : str
+        Start of the folder's name (e.g. ``.ingest_spill_``).
+
+    Yields
+    ------
+    Path
+        The folder; it and its files are removed when the block ends, also
+        on failure.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def unspill(result: pa.Table | str) -> pa.Table:
@@ -395,14 +421,12 @@ def map_file(
                                          keep)
     else:
         sizes = _partition_rows(in_path, parts)
-        spill_dir = None
-        if parallel.local_processes():
+        with contextlib.ExitStack() as stack:
             # process workers hand their tables over as files the driver memory-maps: a
             # pipe copies and pickles every byte twice (~10 s of a city run's driver time)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            spill_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.stem}_spill_",
-                                              dir=out_path.parent))
-        try:
+            spill_dir = (stack.enter_context(spill_folder(out_path.parent,
+                                                          f".{out_path.stem}_spill_"))
+                         if parallel.local_processes() else None)
             results = parallel.map_tasks(
                 _run_partition,
                 [(str(in_path), p, kernel, args, kwargs, columns, geometry,
@@ -410,9 +434,6 @@ def map_file(
                  for k, p in enumerate(parts)],
                 label=label, sizes=sizes)
             rows_out, summary = write_tables(map(unspill, results), out_path, keep)
-        finally:
-            if spill_dir is not None:
-                shutil.rmtree(spill_dir, ignore_errors=True)
     return rows_in, rows_out, summary
 
 

@@ -240,12 +240,12 @@ def report_run(base: Path, config: str, run_id: str, background: bool, cores: in
     ``cores`` is what the report sees of the machine: with 3 the change list
     runs beside the buildings layer, with 2 after it in the same process.
     """
-    from pipeline import parallel, report, runs
+    from pipeline import parallel, runs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
         mp.setattr(runs, "new_run_id", lambda now=None: run_id)
-        mp.setattr(report, "available_cores", lambda: cores)
+        mp.setattr(parallel, "available_cores", lambda: cores)
         if not background:  # one worker: no second process
             mp.setattr(parallel, "n_workers", lambda: 1)
         run_stages(Path(config), ("report",),
