@@ -64,13 +64,14 @@ def run_stages(config_path: Path, stages: tuple[str, ...] = STAGES,
         shading,
     )
     from pipeline.config import load_config
-    from pipeline.parallel import scheduler_context
+    from pipeline.parallel import frozen_imports, scheduler_context
 
     base_dir = base_dir or Path.cwd()
     cfg = runs.with_drop_sources(load_config(config_path), base_dir)
     proc = base_dir / cfg.paths.processed_dir
     results: dict = {}
-    with runs.run_context(cfg, config_path, base_dir, stages, lock_timeout_s, argv) as run, \
+    with frozen_imports(), \
+            runs.run_context(cfg, config_path, base_dir, stages, lock_timeout_s, argv) as run, \
             scheduler_context(scheduler or cfg.dask.scheduler, n_workers=cfg.dask.n_workers,
                               npartitions=cfg.dask.npartitions,
                               rows_per_partition=cfg.dask.rows_per_partition):

@@ -61,3 +61,26 @@ def test_partition_count_follows_rows_and_workers():
         assert partition_count(1) == 1
     with scheduler_context("threads", n_workers=2, npartitions=7):
         assert partition_count(1000) == 7
+
+
+def test_frozen_imports_freeze_the_stages_modules_and_thaw_at_the_end():
+    import gc
+    import sys
+
+    from pipeline.parallel import STAGE_MODULES, frozen_imports
+
+    assert gc.get_freeze_count() == 0
+    with frozen_imports() as count:
+        assert count > 10_000 and gc.get_freeze_count() > 10_000  # pandas, geopandas, ours
+        assert all(name in sys.modules for name in STAGE_MODULES)
+    assert gc.get_freeze_count() == 0  # the driver's objects are collected as usual again
+
+
+def test_process_workers_start_frozen():
+    import gc
+
+    from pipeline.parallel import map_tasks
+
+    with scheduler_context("processes", n_workers=2):
+        counts = list(map_tasks(gc.get_freeze_count, [(), ()]))
+    assert len(counts) == 2 and all(c > 10_000 for c in counts)
