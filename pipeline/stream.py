@@ -253,6 +253,36 @@ def _partition_table(path: str, row_groups: list[int], kernel: Callable, args: t
         {**(attrs.schema.metadata or {}), b"geo": json.dumps(geo).encode()})
 
 
+def column_options(schema: pa.Schema, geo: dict | None) -> dict[str, Any]:
+    """Compression and statistics of the stage files' columns.
+
+    The attributes are snappy-compressed with min/max statistics. The WKB
+    geometry columns are written uncompressed and without statistics:
+    footprints' coordinates barely compress (snappy: 182 MB to 150 MB at 1M
+    buildings) and min/max of WKB bytes select nothing. Measured on the
+    yield stage's file of 1M buildings (74 columns): 1.46 s to write instead
+    of 1.87 s (best of three), 406 MB instead of 375 MB.
+
+    Parameters
+    ----------
+    schema : pyarrow.Schema
+        The file's columns.
+    geo : dict or None
+        The GeoParquet ``geo`` metadata (its ``columns`` are the geometries).
+
+    Returns
+    -------
+    dict
+        ``compression`` and ``write_statistics`` for ``pyarrow.parquet.ParquetWriter``.
+    """
+    geoms = set((geo or {}).get("columns", {}))
+    attrs = [n for n in schema.names if n not in geoms]
+    if not geoms & set(schema.names):
+        return {"compression": "snappy", "write_statistics": True}
+    return {"compression": {n: "none" if n in geoms else "snappy" for n in schema.names},
+            "write_statistics": attrs}
+
+
 class GeoParquetWriter:
     """Append Arrow tables (one row group each) to one GeoParquet file.
 
@@ -290,8 +320,8 @@ class GeoParquetWriter:
                 table = table.cast(self.schema)
             # no dictionary pages: footprints, ids and measures are nearly all distinct, and
             # dictionary encoding halved the driver's write speed (bench/run.py, 1M buildings)
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy",
-                                           use_dictionary=False)
+            self.writer = pq.ParquetWriter(self.path, self.schema, use_dictionary=False,
+                                           **column_options(self.schema, geo))
             self.geo = geo
         else:
             self._merge_geo(geo)

@@ -185,3 +185,19 @@ def test_map_file_on_a_local_cluster_equals_threads(tmp_path):
             map_file(tmp_path / "in.parquet", tmp_path / f"{sched}.parquet", doubled_area)
         out[sched] = gpd.read_parquet(tmp_path / f"{sched}.parquet")
     pd.testing.assert_frame_equal(out["threads"], out["local-cluster"])
+
+
+def test_stage_files_store_the_geometry_uncompressed_and_without_statistics(tmp_path):
+    path = tmp_path / "b.parquet"
+    write_row_groups(buildings(), path, 10)
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    for rg in range(meta.num_row_groups):
+        for i, name in enumerate(names):
+            chunk = meta.row_group(rg).column(i)
+            if name == "geometry":
+                assert chunk.compression == "UNCOMPRESSED" and not chunk.is_stats_set
+            else:
+                assert chunk.compression == "SNAPPY" and chunk.is_stats_set
+    back = gpd.read_parquet(path)  # still GeoParquet that geopandas reads back
+    assert back.geometry.equals(buildings().geometry) and back.crs == "EPSG:32651"
