@@ -611,7 +611,15 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
     # envelope query (cheap), the exact distance filter follows on the taller pairs only
     i, j = envelope_pairs(x, y, r, lo_x, lo_y, hi_x, hi_y)
     dh = nb_h[j] - height_m[i]
-    keep = (dh >= cfg.min_height_difference_m) & (nb_id[j] != ids[i])
+    keep = dh >= cfg.min_height_difference_m
+    if cfg.min_height_difference_m <= 0:
+        # a roof is in the table too; with a positive threshold it never passes (dh = 0)
+        keep &= nb_id[j] != ids[i]
+    # the distance to a rectangle is at least the distance to its envelope: pairs whose
+    # envelope lies beyond the radius are dropped before the exact distance (1 um of slack)
+    gap_x = np.maximum(np.maximum(lo_x[j] - x[i], x[i] - hi_x[j]), 0.0)
+    gap_y = np.maximum(np.maximum(lo_y[j] - y[i], y[i] - hi_y[j]), 0.0)
+    keep &= np.hypot(gap_x, gap_y) <= r + 1e-6
     i, j, dh = i[keep], j[keep], dh[keep]
     if len(i) == 0:
         return horizon
@@ -635,7 +643,8 @@ def horizon_profile(x: np.ndarray, y: np.ndarray, height_m: np.ndarray, ids: np.
     rep = np.repeat(np.arange(len(i)), count)
     offset = np.arange(len(rep)) - np.repeat(np.cumsum(count) - count, count)
     sector = np.mod(first[rep] + offset, n_sec)
-    np.maximum.at(horizon, (i[rep], sector), elev[rep])
+    # on the flat array: numpy's 1-d ufunc.at is about 2.5x faster than the 2-d one
+    np.maximum.at(horizon.reshape(-1), i[rep] * n_sec + sector, elev[rep])
     return horizon
 
 

@@ -187,8 +187,11 @@ def _horizon_reference(x, y, height_m, ids, nb, cfg):
     return horizon
 
 
-def test_horizon_profile_equals_the_polygon_tree_on_a_dense_town():
+@pytest.mark.parametrize("min_dh", [1.0, 0.0])  # 0: a roof must still not shade itself
+def test_horizon_profile_equals_the_polygon_tree_on_a_dense_town(min_dh):
     from shapely import affinity
+
+    cfg = CFG.model_copy(update={"min_height_difference_m": min_dh})
 
     rng = np.random.default_rng(11)
     n = 400
@@ -203,8 +206,8 @@ def test_horizon_profile_equals_the_polygon_tree_on_a_dense_town():
     roofs_ = slice(0, 250)  # a partition: the others are neighbours only
     x, y = nb["x"].to_numpy()[roofs_], nb["y"].to_numpy()[roofs_]
     h, ids = nb["height_m"].to_numpy()[roofs_], nb["building_id"].to_numpy()[roofs_]
-    got = horizon_profile(x, y, h, ids, nb, CFG)
-    ref = _horizon_reference(x, y, h, ids, nb, CFG)
+    got = horizon_profile(x, y, h, ids, nb, cfg)
+    ref = _horizon_reference(x, y, h, ids, nb, cfg)
     assert (got > 0).any(axis=1).mean() > 0.3
     np.testing.assert_array_equal(got, ref)
 
