@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,10 +249,26 @@ def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int,
         entries[name] = ("geom" if spatial else "", make(cols, frame))
     out = dict(layers)
     out["layer_styles"] = styles.layer_styles_table(entries)
-    options = {name: {"DESCRIPTION": LAYER_DESCRIPTIONS[name]} for name in layers
-               if name in LAYER_DESCRIPTIONS}
+    options = layer_options(layers)
     options["layer_styles"] = {"FID": "id", "DESCRIPTION": "QGIS default layer styles"}
     return out, options
+
+
+def layer_options(names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """GDAL layer creation options of the report's layers: their descriptions.
+
+    Parameters
+    ----------
+    names : iterable of str
+        Layer names.
+
+    Returns
+    -------
+    dict
+        Layer name to ``{"DESCRIPTION": ...}`` for the layers that have one.
+    """
+    return {name: {"DESCRIPTION": LAYER_DESCRIPTIONS[name]} for name in names
+            if name in LAYER_DESCRIPTIONS}
 
 
 def _target_lines(t: pd.Series) -> str:

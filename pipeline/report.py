@@ -645,10 +645,11 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
         tmp = {name: outputs.enter_context(atomic_path(outdir / name)) for name in
                ("rooftop_pv.gpkg", "report.md", "report.html", "rooftop_pv.xlsx")}
         second = SecondProcesses()
-        layer_args = (str(src), str(tmp["rooftop_pv.gpkg"]), dv.building_plan_args(cfg, *inputs),
-                      {"DESCRIPTION": dv.LAYER_DESCRIPTIONS["buildings"]}, metadata_items(prov))
         if background:  # the buildings layer, the largest, is written meanwhile
-            second.streamed = parallel.submit_background(write_buildings_layer, *layer_args)
+            second.streamed = parallel.submit_background(
+                write_buildings_layer, str(src), str(tmp["rooftop_pv.gpkg"]),
+                dv.building_plan_args(cfg, *inputs), dv.layer_options(["buildings"])["buildings"],
+                metadata_items(prov))
         if background and all(x is None for x in inputs):
             # and the buildings are compared with the previous run's in a second process too;
             # not with existing PV, whose roofs' capacities the plan changes, nor with towns,
@@ -754,8 +755,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
         written.pop("buildings")
     # the plan's layers are written while the buildings are compared; the change layers and
     # the styles of all layers follow
-    _, options = dv.geopackage_layers(written, cfg.plan.report_top_n, fields)
-    write_layers(gpkg, written, options, metadata_items(prov))
+    write_layers(gpkg, written, dv.layer_options(written), metadata_items(prov))
     step("geopackage")
     if second.compares:
         part = second.change_list()

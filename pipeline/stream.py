@@ -275,12 +275,11 @@ def column_options(schema: pa.Schema, geo: dict | None) -> dict[str, Any]:
     dict
         ``compression`` and ``write_statistics`` for ``pyarrow.parquet.ParquetWriter``.
     """
-    geoms = set((geo or {}).get("columns", {}))
-    attrs = [n for n in schema.names if n not in geoms]
-    if not geoms & set(schema.names):
+    geoms = set((geo or {}).get("columns", {})) & set(schema.names)
+    if not geoms:
         return {"compression": "snappy", "write_statistics": True}
     return {"compression": {n: "none" if n in geoms else "snappy" for n in schema.names},
-            "write_statistics": attrs}
+            "write_statistics": [n for n in schema.names if n not in geoms]}
 
 
 class GeoParquetWriter:
