@@ -322,22 +322,44 @@ def compare(previous: gpd.GeoDataFrame, current: gpd.GeoDataFrame, crs: Any = No
         One row per added, removed or changed building (:data:`CHANGE_COLUMNS`
         and the geometry), sorted by change and key.
     """
-    p = previous.set_index("building_key")
-    c = current.set_index("building_key")
-    added = c.index.difference(p.index)
-    removed = p.index.difference(c.index)
-    both = c.index.intersection(p.index)
-    pb, cb = p.loc[both], c.loc[both]
-    geom_changed = (pb["geometry_key"] != cb["geometry_key"]).to_numpy()
-    type_changed = (pb["building_type"].astype(str) != cb["building_type"].astype(str)).to_numpy()
-    cap_changed = np.abs(cb["capacity_kwp"].to_numpy() - pb["capacity_kwp"].to_numpy()) \
+    # positions, not labels: one hash lookup of this run's keys in the previous run's (at 1M
+    # buildings 0.4 s instead of 1.2-1.5 s for indexing, difference, intersection and .loc of
+    # both frames); only the rows that changed are indexed by key, and only their footprints
+    # decoded
+    pkeys, ckeys = pd.Index(previous["building_key"]), pd.Index(current["building_key"])
+    for name, keys in (("previous", pkeys), ("current", ckeys)):
+        if not keys.is_unique:
+            dup = keys[keys.duplicated()][:3].tolist()
+            raise ValueError(f"{name} building snapshot: building_key is not unique ({dup})")
+    pos = pkeys.get_indexer(ckeys)  # previous row of each current row, -1 if added
+    hit = pos >= 0
+    seen = np.zeros(len(pkeys), dtype=bool)
+    seen[pos[hit]] = True
+    both_c, both_p = np.flatnonzero(hit), pos[hit]
+
+    def values(frame: pd.DataFrame, col: str, rows: np.ndarray, **kw: Any) -> np.ndarray:
+        return frame[col].take(rows).to_numpy(**kw)
+
+    geom_changed = (values(previous, "geometry_key", both_p, dtype=object)
+                    != values(current, "geometry_key", both_c, dtype=object))
+    type_changed = (previous["building_type"].take(both_p).astype(str).to_numpy(dtype=object)
+                    != current["building_type"].take(both_c).astype(str).to_numpy(dtype=object))
+    cap_changed = np.abs(values(current, "capacity_kwp", both_c, dtype=float)
+                         - values(previous, "capacity_kwp", both_p, dtype=float)) \
         > CAPACITY_TOLERANCE_KWP
     # the 8 combinations of the three flags, by code geometry + 2 type + 4 capacity
     names = np.array([",".join(n for n, bit in (("geometry", 1), ("type", 2), ("capacity", 4))
                                if code & bit) for code in range(8)], dtype=object)
-    fields = names[geom_changed.astype(int) + 2 * type_changed + 4 * cap_changed]
-    changed = both[fields != ""]
-    fields = fields[fields != ""]
+    codes = geom_changed.astype(int) + 2 * type_changed + 4 * cap_changed
+    moved = codes > 0
+    fields = names[codes[moved]]
+    c_rows = np.concatenate([np.flatnonzero(~hit), both_c[moved]])
+    p_rows = np.concatenate([np.flatnonzero(~seen), both_p[moved]])
+    c = current.iloc[np.sort(c_rows)].set_index("building_key")
+    p = previous.iloc[np.sort(p_rows)].set_index("building_key")
+    added = pd.Index(ckeys[~hit])
+    removed = pd.Index(pkeys[~seen])
+    changed = pd.Index(ckeys[both_c[moved]])
 
     def rows(keys: pd.Index, kind: str, changed_fields: np.ndarray | None = None) -> pd.DataFrame:
         new = c.reindex(keys)
@@ -449,15 +471,32 @@ def load_previous(run_dir: Path | None) -> tuple[pd.DataFrame, pd.DataFrame] | N
 
     if run_dir is None or not (run_dir / SNAPSHOT_BUILDINGS).is_file():
         return None
-    return (pd.read_parquet(run_dir / SNAPSHOT_BUILDINGS),
+    return (read_snapshot(run_dir / SNAPSHOT_BUILDINGS),
             pd.read_parquet(run_dir / SNAPSHOT_DISTRICTS))
+
+
+def read_snapshot(path: Path) -> pd.DataFrame:
+    """A building snapshot file (:func:`write_snapshot`), its footprints as WKB.
+
+    The WKB stays in Arrow memory (``geometry`` of dtype ``binary[pyarrow]``)
+    instead of one Python ``bytes`` per building: at 1M buildings 0.5-0.6 s
+    instead of 1.1-2.1 s to read; :func:`compare` decodes only the footprints
+    of the buildings that changed.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    binary = {pa.binary(): pd.ArrowDtype(pa.binary()),
+              pa.large_binary(): pd.ArrowDtype(pa.large_binary())}
+    return pq.read_table(path).to_pandas(types_mapper=binary.get)
 
 
 def _footprints(frame: pd.DataFrame) -> np.ndarray:
     """Footprints of a snapshot's rows, whether geometries or WKB (:func:`load_previous`)."""
     if isinstance(frame, gpd.GeoDataFrame):
         return np.asarray(frame.geometry.array, dtype=object)
-    return shapely.from_wkb(frame["geometry"].to_numpy(dtype=object))
+    wkb = frame["geometry"].to_numpy(dtype=object, na_value=None)
+    return shapely.from_wkb(wkb) if len(wkb) else np.empty(0, dtype=object)
 
 
 def markdown(changes: pd.DataFrame, deltas: pd.DataFrame, previous_run: str | None,
@@ -699,8 +738,8 @@ def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
     -------
     BuildingChanges
     """
-    return compare_snapshots(pd.read_parquet(path), Path(previous_dir) if previous_dir else None,
-                             crs)
+    return compare_snapshots(read_snapshot(Path(path)),
+                             Path(previous_dir) if previous_dir else None, crs)
 
 
 def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, src: Path

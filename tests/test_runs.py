@@ -163,6 +163,63 @@ def test_previous_snapshot_read_as_wkb_compares_like_geometries(tmp_path):
     assert changes.rekey(loaded) is loaded  # this version's keys are kept
 
 
+def test_compare_of_many_buildings_matches_set_arithmetic(tmp_path):
+    """Positional matching gives the sets and fields that key sets give, in key order."""
+    import numpy as np
+
+    from pipeline.io import write_parquet_atomic
+
+    rng = np.random.default_rng(7)
+    n = 400
+    keys = [f"s:{i}" for i in range(n)]
+    base = [(k, k, "s", "AB"[i % 2], "school", 10.0 + i, 12.0, f"g{i}", rect(50.0 * i, 0))
+            for i, k in enumerate(keys)]
+    prev_rows = [r for i, r in enumerate(base) if i % 7 != 3]  # added in this run: i % 7 == 3
+    cur_rows = []
+    for i, r in enumerate(base):
+        if i % 11 == 5:
+            continue  # removed
+        r = list(r)
+        if i % 13 == 1:
+            r[4] = "factory"
+        if i % 17 == 2:
+            r[5] += 1.0
+        if i % 19 == 4:
+            r[7], r[8] = f"h{i}", rect(50.0 * i, 5.0)
+        cur_rows.append(tuple(r))
+    order = rng.permutation(len(cur_rows))  # row order does not matter
+    prev, cur = snap(prev_rows), snap([cur_rows[i] for i in order])
+    write_parquet_atomic(prev, tmp_path / "prev.parquet")
+    ch = changes.compare(changes.read_snapshot(tmp_path / "prev.parquet"), cur)
+    pk, ck = set(prev["building_key"]), set(cur["building_key"])
+    by_kind = ch.groupby("change")["building_key"].apply(list).to_dict()
+    assert by_kind["added"] == sorted(ck - pk)
+    assert by_kind["removed"] == sorted(pk - ck)
+    expect = {}
+    for i, k in enumerate(keys):
+        if k in pk and k in ck:
+            f = [name for name, hit in (("geometry", i % 19 == 4), ("type", i % 13 == 1),
+                                        ("capacity", i % 17 == 2)) if hit]
+            if f:
+                expect[k] = ",".join(f)
+    assert by_kind["changed"] == sorted(expect)
+    assert ch.set_index("building_key").loc[list(expect), "changed_fields"].to_dict() == expect
+    assert list(ch["change"].drop_duplicates()) == ["added", "removed", "changed"]
+    removed = ch[ch["change"].eq("removed")].set_index("building_key")
+    assert all(removed.loc[f"s:{i}", "geometry"].equals(rect(50.0 * i, 0))
+               for i in (5, 16) if f"s:{i}" in pk)
+    moved = ch.set_index("building_key").loc["s:4", "geometry"]
+    assert moved.equals(rect(200.0, 5.0))  # this run's footprint of a changed building
+
+
+def test_compare_refuses_repeated_building_keys():
+    g = rect(0, 0)
+    prev = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g)] * 2)
+    cur = snap([("s:a", "s:a", "s", "A", "school", 10.0, 12.0, "k1", g)])
+    with pytest.raises(ValueError, match="previous building snapshot: building_key is not uniq"):
+        changes.compare(prev, cur)
+
+
 def test_snapshot_written_with_the_stored_wkb_equals_the_encoded_one(tmp_path):
     """The snapshot takes the yield file's WKB when its rows are the file's, else encodes."""
     from pipeline.stream import GeoParquetWriter, to_arrow
