@@ -124,6 +124,15 @@ def cached_crs(crs: dict | str) -> Any:
 
 
 def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
+    """A GeoParquet table (``geo`` metadata) as a GeoDataFrame; without it, a DataFrame.
+
+    One WKB geometry column, the stage files' layout, is decoded here and the
+    frame built without the copy that ``geopandas.io.arrow._arrow_to_geopandas``
+    makes of every attribute column (``GeoDataFrame(df)`` copies by default;
+    at 1M buildings of the report's 39 columns that copy was 0.3-1.4 s). Other
+    layouts (several geometry columns, GeoArrow encodings) go to geopandas.
+    """
+    from geopandas.array import from_wkb
     from geopandas.io.arrow import _arrow_to_geopandas
 
     geo = (table.schema.metadata or {}).get(b"geo")
@@ -133,7 +142,16 @@ def _from_arrow(table: pa.Table) -> gpd.GeoDataFrame | pd.DataFrame:
     for col in meta.get("columns", {}).values():
         if col.get("crs") is not None:
             col["crs"] = cached_crs(col["crs"])
-    return _arrow_to_geopandas(table, meta)
+    name = meta["primary_column"]
+    present = [c for c in meta.get("columns", {}) if c in table.column_names]
+    column = meta["columns"][name]
+    if present != [name] or column.get("encoding") != "WKB" or column.get("crs") is None:
+        return _arrow_to_geopandas(table, meta)
+    frame = table.drop_columns([name]).to_pandas()
+    position = list(table.slice(0, 0).to_pandas().columns).index(name)  # index columns apart
+    frame.insert(position, name,
+                 from_wkb(np.array(table.column(name)), crs=column["crs"]))
+    return gpd.GeoDataFrame(frame, geometry=name, copy=False)
 
 
 def to_arrow(frame: pd.DataFrame) -> pa.Table:

@@ -201,3 +201,31 @@ def test_stage_files_store_the_geometry_uncompressed_and_without_statistics(tmp_
                 assert chunk.compression == "SNAPPY" and chunk.is_stats_set
     back = gpd.read_parquet(path)  # still GeoParquet that geopandas reads back
     assert back.geometry.equals(buildings().geometry) and back.crs == "EPSG:32651"
+
+
+@pytest.mark.parametrize("layout", ["stage file", "named index", "no crs", "two geometries",
+                                    "empty"])
+def test_from_arrow_equals_geopandas_reader(tmp_path, layout):
+    """The stage files' reader builds the frame geopandas builds, in every layout."""
+    from geopandas.io.arrow import _arrow_to_geopandas, _geopandas_to_arrow
+
+    from pipeline.stream import _from_arrow
+
+    n = 0 if layout == "empty" else 5
+    frame = gpd.GeoDataFrame(
+        {"building_id": [f"b{i}" for i in range(n)], "area_m2": np.arange(n, dtype=float),
+         "note": [None] * n},
+        geometry=[box(i, 0, i + 1, 1) for i in range(n)],
+        crs=None if layout == "no crs" else "EPSG:32651")
+    frame = frame[["building_id", "geometry", "area_m2", "note"]]  # geometry not last
+    if layout == "named index":
+        frame.index = pd.Index([f"k{i}" for i in range(n)], name="key")
+    if layout == "two geometries":
+        frame["centre"] = frame.geometry.centroid
+    table = _geopandas_to_arrow(frame, index=layout == "named index")
+    got = _from_arrow(table)
+    expect = _arrow_to_geopandas(table, json.loads(table.schema.metadata[b"geo"]))
+    assert isinstance(got, gpd.GeoDataFrame)
+    pd.testing.assert_frame_equal(got, expect)
+    assert got.crs == expect.crs and got.geometry.name == "geometry"
+    assert list(got.columns)[:2] == ["building_id", "geometry"]
