@@ -18,7 +18,8 @@ SAMPLE_STAMP := $(RAW)/shanghai/.complete
 RUN = $(PY) -m pipeline run --config $(CONFIG) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 # new building files in the drop folder (and the folder, whose mtime changes when one is removed)
 DROP_FILES = $(wildcard $(RAW)/drop $(RAW)/drop/*)
-COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py $(CONFIG)
+COMMON := pipeline/config.py pipeline/parallel.py pipeline/io.py pipeline/glossary.py \
+	pipeline/stream.py pipeline/columns.py pipeline/incremental.py $(CONFIG)
 # system packages (Debian): root runs apt-get directly, others through sudo; never prompts
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get -q -y \
 	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
@@ -26,7 +27,7 @@ CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 QGIS_PY ?= /usr/bin/python3
 REPORT_OUT := $(OUT)/rooftop_pv.gpkg $(OUT)/report.md $(OUT)/report.html $(OUT)/rooftop_pv.xlsx
 REPORT_PY := pipeline/report.py pipeline/deliverables.py pipeline/targets.py pipeline/styles.py \
-	pipeline/html_report.py pipeline/workbook.py pipeline/provenance.py
+	pipeline/html_report.py pipeline/workbook.py pipeline/provenance.py pipeline/footprints.py
 
 .PHONY: all install data fonts ingest classify roof shading yield report test lint qgis-check \
 	clean distclean

@@ -259,23 +259,30 @@ def rekey(snap: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str]) -> gpd.GeoDataFrame:
+def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str], keys: np.ndarray | None = None
+             ) -> gpd.GeoDataFrame:
     """What the next run compares against: identity, type, capacity, footprint.
 
     Parameters
     ----------
     buildings : GeoDataFrame
-        The yield stage's buildings (at least :data:`SNAPSHOT_INPUT_COLUMNS`).
+        The yield stage's buildings (at least :data:`SNAPSHOT_INPUT_COLUMNS`);
+        a DataFrame without footprints when ``keys`` are given.
     no_id : set of str
         The sources without ids (:func:`sources_without_id`).
+    keys : ndarray of str, optional
+        :func:`geometry_keys` of the footprints, computed elsewhere
+        (:class:`pipeline.footprints.Footprints`).
 
     Returns
     -------
     GeoDataFrame
-        :data:`SNAPSHOT_COLUMNS` and the geometry.
+        :data:`SNAPSHOT_COLUMNS` and the geometry; without footprints in
+        ``buildings``, a DataFrame of the columns only (:func:`write_snapshot`
+        takes them from the yield file).
     """
-    gk = geometry_keys(buildings.geometry)
-    out = gpd.GeoDataFrame({
+    gk = keys if keys is not None else geometry_keys(buildings.geometry)
+    out = pd.DataFrame({
         "building_key": building_keys(buildings, no_id, gk),
         "building_id": buildings["building_id"].astype(str).to_numpy(),
         "source": buildings["source"].astype(str).to_numpy(),
@@ -286,8 +293,10 @@ def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str]) -> gpd.GeoDataFrame:
             buildings["energy_mwh_per_year"].to_numpy(dtype=float)),
         "geometry_key": gk,
         "geometry_key_version": np.full(len(buildings), GEOMETRY_KEY_VERSION, dtype="int16"),
-    }, geometry=buildings.geometry.to_numpy(), crs=buildings.crs)
-    return out
+    })
+    if not isinstance(buildings, gpd.GeoDataFrame):
+        return out
+    return gpd.GeoDataFrame(out, geometry=buildings.geometry.to_numpy(), crs=buildings.crs)
 
 
 def sources_without_id(cfg: PipelineConfig) -> set[str]:
@@ -495,6 +504,8 @@ def _footprints(frame: pd.DataFrame) -> np.ndarray:
     """Footprints of a snapshot's rows, whether geometries or WKB (:func:`load_previous`)."""
     if isinstance(frame, gpd.GeoDataFrame):
         return np.asarray(frame.geometry.array, dtype=object)
+    if "geometry" not in frame and len(frame) == 0:
+        return np.empty(0, dtype=object)
     wkb = frame["geometry"].to_numpy(dtype=object, na_value=None)
     return shapely.from_wkb(wkb) if len(wkb) else np.empty(0, dtype=object)
 
@@ -587,7 +598,8 @@ class BuildingChanges:
 
 
 def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
-                     run_dir: Path | None, src: Path | None = None) -> BuildingChanges:
+                     run_dir: Path | None, src: Path | None = None, crs: Any = None
+                     ) -> BuildingChanges:
     """Compare this run's building snapshot with the previous run's and store it.
 
     Parameters
@@ -602,6 +614,9 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
     src : Path, optional
         ``yield_buildings.parquet``, whose rows ``current`` are: the snapshot
         stores its footprints as they are stored there (:func:`write_snapshot`).
+        Required when ``current`` holds no footprints.
+    crs : optional
+        CRS of the footprints when ``current`` holds none.
 
     Returns
     -------
@@ -611,7 +626,13 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
 
     if run_dir is not None:
         write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src)
-    return compare_snapshots(current, previous_dir)
+    if not isinstance(current, gpd.GeoDataFrame):  # footprints in the file just written
+        if run_dir is not None:
+            current = read_snapshot(run_dir / SNAPSHOT_BUILDINGS)
+        elif previous_dir is not None:
+            raise ValueError("building_changes: a snapshot without footprints is compared "
+                             "only once written (run_dir)")
+    return compare_snapshots(current, previous_dir, crs)
 
 
 def compare_snapshots(current: pd.DataFrame, previous_dir: Path | None,
@@ -650,7 +671,8 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
     Parameters
     ----------
     snap : GeoDataFrame
-        :func:`snapshot`.
+        :func:`snapshot` (a DataFrame when made without footprints: ``src``
+        must then hold its rows).
     path : Path
         The file.
     src : Path, optional
@@ -677,11 +699,15 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
             if (stored.num_rows != len(snap) or not pc.all(pc.equal(
                     stored.column("building_id").cast(pa.string()), ids)).as_py()):
                 stored = None
-    if stored is None or len(snap) == 0:
+    spatial = isinstance(snap, gpd.GeoDataFrame)
+    if stored is None and not spatial:
+        raise ValueError(f"{path}: a snapshot without footprints takes them from the yield "
+                         "file, but its rows are not that file's")
+    if stored is None or (len(snap) == 0 and spatial):
         write_parquet_atomic(snap, path)
         return
-    table = pa.Table.from_pandas(pd.DataFrame(snap.drop(columns=snap.geometry.name)),
-                                 preserve_index=False)
+    attrs = snap.drop(columns=snap.geometry.name) if spatial else snap
+    table = pa.Table.from_pandas(pd.DataFrame(attrs), preserve_index=False)
     table = table.append_column("geometry", stored.column(name).cast(pa.binary()))
     geo = {**geo, "primary_column": "geometry", "columns": {"geometry": geo["columns"][name]}}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
@@ -712,10 +738,16 @@ def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | N
     -------
     BuildingChanges
     """
-    buildings = gpd.read_parquet(src, columns=list(SNAPSHOT_INPUT_COLUMNS))
-    return building_changes(snapshot(buildings, set(no_id)),
+    import pyarrow.parquet as pq
+
+    from pipeline.footprints import Footprints
+
+    footprints = Footprints.scan(Path(src))  # a row group at a time
+    buildings = pq.read_table(src, columns=[c for c in SNAPSHOT_INPUT_COLUMNS
+                                            if c != "geometry"]).to_pandas()
+    return building_changes(snapshot(buildings, set(no_id), footprints.keys),
                             Path(previous_dir) if previous_dir else None,
-                            Path(run_dir) if run_dir else None, Path(src))
+                            Path(run_dir) if run_dir else None, Path(src), footprints.crs)
 
 
 def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
@@ -742,8 +774,8 @@ def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
                              Path(previous_dir) if previous_dir else None, crs)
 
 
-def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, src: Path
-                            ) -> tuple:
+def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, src: Path,
+                            footprints: Any = None) -> tuple:
     """Write this run's snapshot into its run folder, for a second process to compare.
 
     Parameters
@@ -754,6 +786,9 @@ def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, sr
         The configuration.
     src : Path
         ``yield_buildings.parquet`` (its stored WKB is written, :func:`write_snapshot`).
+    footprints : Footprints, optional
+        The buildings' footprints on disk (:mod:`pipeline.footprints`), when
+        ``buildings`` holds none: their keys and CRS.
 
     Returns
     -------
@@ -764,8 +799,10 @@ def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, sr
 
     previous_dir, run_dir = run_dirs()
     path = run_dir / SNAPSHOT_BUILDINGS
-    write_snapshot(snapshot(buildings, sources_without_id(cfg)), path, src)
-    return (str(path), str(previous_dir) if previous_dir else None, buildings.crs)
+    keys = footprints.keys if footprints is not None else None
+    write_snapshot(snapshot(buildings, sources_without_id(cfg), keys), path, src)
+    crs = footprints.crs if footprints is not None else buildings.crs
+    return (str(path), str(previous_dir) if previous_dir else None, crs)
 
 
 def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:

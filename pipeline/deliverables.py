@@ -22,6 +22,7 @@ import pandas as pd
 from pipeline import html_report as hr
 from pipeline import styles
 from pipeline import targets as tg
+from pipeline.footprints import Footprints
 from pipeline.parallel import map_partitions
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ class Plan:
     systems: gpd.GeoDataFrame | None
     towns: gpd.GeoDataFrame | None
     split: pd.DataFrame | None
+    footprints: Footprints | None = None
 
 
 def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
-                 districts: gpd.GeoDataFrame, inputs: tuple | None = None) -> Plan:
+                 districts: gpd.GeoDataFrame, inputs: tuple | None = None,
+                 footprints: Footprints | None = None) -> Plan:
     """Existing PV, CO2, towns, targets and the ranked roofs.
 
     Parameters
@@ -79,6 +82,10 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
         District polygons (working CRS).
     inputs : tuple, optional
         :func:`plan_inputs`, when already read.
+    footprints : Footprints, optional
+        The buildings' footprints on disk (:mod:`pipeline.footprints`), when
+        ``buildings`` holds none (a DataFrame in file order): only the ranked
+        roofs' are read. Not with existing PV or towns, which join footprints.
 
     Returns
     -------
@@ -90,6 +97,9 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     plan_cfg = cfg.plan
     density = cfg.roof.module_power_density_w_per_m2
     raw, towns = inputs if inputs is not None else plan_inputs(cfg, base_dir, districts)
+    if footprints is not None and (raw is not None or towns is not None):
+        raise ValueError("prepare_plan: existing PV and towns need the buildings' footprints "
+                         "in the frame, not on disk")
     if raw is not None:  # over all buildings, before the partitions split them
         raw = tg.system_roof_totals(raw, [buildings])
     args = building_plan_args(cfg, raw, towns)
@@ -115,9 +125,14 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
                               cfg.targets, tg.priority_types(plan_cfg.type_priority),
                               plan_cfg.grid_emission_factor_t_co2_per_mwh)
     cols = [c for c in PLAN_COLUMNS if c in ranked.columns]
-    plan = gpd.GeoDataFrame(ranked[cols], geometry="geometry", crs=buildings.crs)
+    if footprints is None:
+        plan = gpd.GeoDataFrame(ranked[cols], geometry="geometry", crs=buildings.crs)
+    else:  # the ranked roofs' footprints, by their rows in the file
+        rows = pd.Index(buildings["building_id"]).get_indexer(ranked["building_id"])
+        plan = gpd.GeoDataFrame(ranked[cols], geometry=footprints.take(rows).to_numpy(),
+                                crs=footprints.crs)
     return Plan(buildings=buildings, targets=targets, plan=plan, systems=systems, towns=towns,
-                split=split)
+                split=split, footprints=footprints)
 
 
 def plan_inputs(cfg: object, base_dir: Path, districts: gpd.GeoDataFrame
@@ -244,7 +259,9 @@ def geopackage_layers(layers: dict[str, pd.DataFrame], label_top_n: int,
         cols = [c for c in frame.columns if c != "geometry"]
         if fields and name in fields:
             cols = list(fields[name])
-        spatial = isinstance(frame, gpd.GeoDataFrame)
+        # the buildings layer has footprints also when the frame holds none (it is written
+        # from the yield file, pipeline.report.write_buildings_layer)
+        spatial = isinstance(frame, gpd.GeoDataFrame) or name == "buildings"
         make = qml.get(name, lambda c, f: styles.table_qml(c))
         entries[name] = ("geom" if spatial else "", make(cols, frame))
     out = dict(layers)
@@ -407,9 +424,11 @@ def write_html(path: Path, cfg: object, p: Plan, dlayer: gpd.GeoDataFrame,
         ("目标 Targets", [hr.table(t[tcols]), hr.figure(hr.targets_chart_png(t, family),
                                                           "achievable versus target MW")]
          + [hr.paragraph(_target_lines(row)) for _, row in t.iterrows()]),
-        ("地图 Maps", [hr.figure(hr.districts_map_png(dlayer, p.buildings, family),
+        ("地图 Maps", [hr.figure(hr.districts_map_png(dlayer, p.buildings, family,
+                                                      footprints=p.footprints),
                                  "map of districts and buildings")]
-         + ([hr.figure(hr.buildings_map_png(p.buildings, p.plan, first_target, family),
+         + ([hr.figure(hr.buildings_map_png(p.buildings, p.plan, first_target, family,
+                                            footprints=p.footprints),
                        "map of buildings around the first roofs")] if first_target else [])),
     ]
     plan_frags = [hr.paragraph(

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
@@ -21,6 +22,9 @@ import pandas as pd
 
 from pipeline.errors import InputError
 from pipeline.styles import NO_TARGET, TYPE_STYLE, VERDICT_STYLE
+
+if TYPE_CHECKING:
+    from pipeline.footprints import Footprints
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -96,8 +100,8 @@ def _dots(ax, xy: np.ndarray, size_pt2: np.ndarray, colour: str, binned: bool) -
                    zorder=3)
 
 
-def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, family: str
-                      ) -> bytes:
+def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, family: str,
+                      footprints: Footprints | None = None) -> bytes:
     """Map of the districts coloured by target verdict, with the buildings as dots.
 
     Parameters
@@ -105,9 +109,12 @@ def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, fam
     dlayer : GeoDataFrame
         The districts layer (``district_name``, ``target_verdict``).
     buildings : GeoDataFrame
-        ``building_type``, ``capacity_kwp`` [kWp], footprints.
+        ``building_type``, ``capacity_kwp`` [kWp], footprints (or, with
+        ``footprints``, a DataFrame of the same rows without them).
     family : str
         CJK font family.
+    footprints : Footprints, optional
+        The buildings' footprints on disk (:mod:`pipeline.footprints`).
 
     Returns
     -------
@@ -125,13 +132,17 @@ def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, fam
                 linewidth=0.6)
     import shapely
 
-    geoms = np.asarray(buildings.geometry.array)
-    binned = len(geoms) > EXACT_DOTS_MAX
+    binned = len(buildings) > EXACT_DOTS_MAX
+    if footprints is not None:  # the buildings' footprints stayed on disk
+        b, centroids = footprints.bounds, footprints.centroids
+    else:
+        geoms = np.asarray(buildings.geometry.array)
+        b = shapely.bounds(geoms) if binned else None
+        centroids = None if binned else shapely.get_coordinates(shapely.centroid(geoms))
     if binned:  # the centre of the bounds: 15x faster, metres off on a map of 100 m pixels
-        b = shapely.bounds(geoms)
         xy = np.column_stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2])
     else:
-        xy = shapely.get_coordinates(shapely.centroid(geoms))
+        xy = centroids
     size = 2 + 40 * np.sqrt(buildings["capacity_kwp"].to_numpy(dtype=float)
                             / max(float(buildings["capacity_kwp"].max()), 1.0))
     btype = buildings["building_type"].astype(object).to_numpy()
@@ -184,7 +195,8 @@ def busiest_window(buildings: gpd.GeoDataFrame, window_m: float):
 
 
 def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id: str,
-                      family: str, window_m: float = 1500.0) -> bytes:
+                      family: str, window_m: float = 1500.0,
+                      footprints: Footprints | None = None) -> bytes:
     """Map of footprints by type, with the roofs that reach a target outlined.
 
     The window is the one holding the most building types among the
@@ -193,7 +205,8 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     Parameters
     ----------
     buildings : GeoDataFrame
-        ``building_id``, ``building_type``, footprints (metric CRS).
+        ``building_id``, ``building_type``, footprints (metric CRS); with
+        ``footprints``, a DataFrame of the same rows without them.
     plan : DataFrame
         Output of ``targets.target_plan``.
     target_id : str
@@ -202,6 +215,9 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
         CJK font family.
     window_m : float
         Side of the map window [m].
+    footprints : Footprints, optional
+        The buildings' footprints on disk (:mod:`pipeline.footprints`): only
+        the window's are read.
 
     Returns
     -------
@@ -214,17 +230,28 @@ def buildings_map_png(buildings: gpd.GeoDataFrame, plan: pd.DataFrame, target_id
     ax = fig.add_subplot()
     ranked = plan[plan["target_id"] == target_id].sort_values("priority_rank")
     # the ranked roofs carry their footprints and types (rows of ``buildings``)
-    pool = gpd.GeoDataFrame(ranked[["building_type", "geometry"]], geometry="geometry",
-                            crs=buildings.crs)
-    c = busiest_window(pool if len(pool) else buildings, window_m)
+    crs = footprints.crs if footprints is not None else buildings.crs
+    pool = gpd.GeoDataFrame(ranked[["building_type", "geometry"]], geometry="geometry", crs=crs)
+    if len(pool) or footprints is None:
+        c = busiest_window(pool if len(pool) else buildings, window_m)
+    else:  # the buildings' centroids (a point's centroid is itself)
+        c = busiest_window(gpd.GeoDataFrame(
+            {"building_type": buildings["building_type"].to_numpy()},
+            geometry=gpd.points_from_xy(*footprints.centroids.T), crs=crs), window_m)
     half = window_m / 2
-    view = buildings.cx[c.x - half:c.x + half, c.y - half:c.y + half]
+    if footprints is not None:
+        rows = footprints.window(c.x - half, c.y - half, c.x + half, c.y + half)
+        view = gpd.GeoDataFrame({"building_type": buildings["building_type"].iloc[rows]
+                                 .to_numpy()}, geometry=footprints.take(rows).to_numpy(),
+                                crs=crs)
+    else:
+        view = buildings.cx[c.x - half:c.x + half, c.y - half:c.y + half]
     for t, (rgb, _) in TYPE_STYLE.items():
         sel = view[view["building_type"].astype(object) == t]
         if len(sel):
             sel.plot(ax=ax, color=_hex(rgb), edgecolor="#333333", linewidth=0.3)
     top = ranked[ranked["in_target_list"]]
-    top_geoms = gpd.GeoSeries(top.geometry.to_numpy(), crs=buildings.crs)
+    top_geoms = gpd.GeoSeries(top.geometry.to_numpy(), crs=crs)
     pt = top_geoms.representative_point()
     inside = ((pt.x - c.x).abs() < half) & ((pt.y - c.y).abs() < half)
     top_geoms[inside.to_numpy()].plot(ax=ax, facecolor="none", edgecolor="#b2182b",

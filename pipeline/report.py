@@ -683,16 +683,26 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     driver does that work itself.
     """
     from pipeline import deliverables as dv
+    from pipeline.footprints import Footprints
     from pipeline.provenance import metadata_items
+    from pipeline.stream import read_columns
     from pipeline.targets import district_extras
     from pipeline.workbook import write_workbook
 
     proc = base_dir / cfg.paths.processed_dir
-    # the driver never writes the buildings layer when it is streamed: it reads only the
-    # columns the rest of the report uses
     streamed = second.streamed
-    columns = report_columns(src) if streamed is not None else None
-    buildings = gpd.read_parquet(src, columns=columns)
+    # without existing PV and towns, which join footprints, the footprints stay on disk: the
+    # driver reads the columns the report uses, and the footprints a row group at a time
+    # (their keys, bounds and centroids kept; the ranked roofs' and the map's read back), and
+    # the buildings layer is streamed from the yield file, here or in a second process
+    lean = footprints_on_disk(inputs)
+    footprints = None
+    if lean:
+        buildings = read_columns(src, [c for c in report_columns(src) if c != "geometry"])
+        footprints = Footprints.scan(src)
+    else:  # the driver never writes the buildings layer when it is streamed
+        columns = report_columns(src) if streamed is not None else None
+        buildings = gpd.read_parquet(src, columns=columns)
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
     kept = sum(a["kept"] for a in accounting.values())
@@ -701,9 +711,9 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                            f"stage has {len(buildings)}")
     step("read")
     if second.waiting:
-        second.provide(changes.snapshot_for_comparison(buildings, cfg, src))
+        second.provide(changes.snapshot_for_comparison(buildings, cfg, src, footprints))
         step("snapshot")
-    plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs)
+    plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs, footprints)
     buildings, targets = plan.buildings, plan.targets
     dlayer = district_extras(district_layer(districts, buildings, cfg.policy, targets), targets,
                              cfg.plan.grid_emission_factor_t_co2_per_mwh)
@@ -725,8 +735,9 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     step("workbook")
     if not second.compares:
         part = changes.building_changes(
-            changes.snapshot(buildings, changes.sources_without_id(cfg)), *changes.run_dirs(),
-            src)
+            changes.snapshot(buildings, changes.sources_without_id(cfg),
+                             footprints.keys if footprints is not None else None),
+            *changes.run_dirs(), src, footprints.crs if footprints is not None else None)
         step("changes")
     layers = {
         "buildings": buildings,
@@ -742,15 +753,21 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     if plan.systems is not None:
         layers["existing_pv"] = plan.systems
     # the styles name the fields of the whole buildings layer, as it is written
-    fields = ({"buildings": layer_fields(src, buildings)} if columns is not None else None)
+    fields = ({"buildings": layer_fields(src, buildings)}
+              if lean or streamed is not None else None)
     gpkg = tmp["rooftop_pv.gpkg"]
     written = dict(layers)
-    if streamed is not None:
-        rows = streamed.result()
+    if streamed is not None or lean:
+        if streamed is not None:
+            rows = streamed.result()
+        else:  # in this process, a row group at a time
+            rows = write_buildings_layer(
+                str(src), str(gpkg), dv.building_plan_args(cfg, *inputs),
+                dv.layer_options(["buildings"])["buildings"], metadata_items(prov))
         if rows != len(buildings):
             raise RuntimeError(f"{gpkg}: the buildings layer has {rows} rows, the report "
                                f"{len(buildings)}")
-        step("geopackage buildings (wait)")
+        step("geopackage buildings" + (" (wait)" if streamed is not None else ""))
         second.poll()  # the change list starts now, if it waited for the layer
         written.pop("buildings")
     # the plan's layers are written while the buildings are compared; the change layers and
@@ -771,6 +788,26 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
                        len(rejected))}
+
+
+def footprints_on_disk(inputs: tuple) -> bool:
+    """Whether the report's driver leaves the buildings' footprints on disk.
+
+    It does unless existing PV or towns are given: their joins take every
+    footprint. Then the driver holds them all (about 2 GB per million
+    buildings); else only their keys, bounds and centroids
+    (:class:`pipeline.footprints.Footprints`, about 70 bytes a building).
+
+    Parameters
+    ----------
+    inputs : tuple
+        :func:`pipeline.deliverables.plan_inputs`: existing PV and towns, or None each.
+
+    Returns
+    -------
+    bool
+    """
+    return all(x is None for x in inputs)
 
 
 #: Yield-stage columns that only the ``buildings`` layer shows: no summary, table, chart or

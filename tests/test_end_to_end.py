@@ -342,6 +342,51 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
             assert "layer existing_pv" in a and "layer towns" in a
 
 
+def test_report_with_footprints_on_disk_equals_report_holding_them(threaded, sample, iwec_epw,
+                                                                   tmp_path):
+    """The driver reading footprints by row group writes what it wrote holding them all.
+
+    Every output (layers, both reports with their maps, the workbook, the run's
+    snapshots) of a first run and of one after buildings were removed, added
+    and changed: with the footprints on disk (the default without existing PV
+    and towns), and held in the driver as with them. In the driver alone and
+    with the second processes.
+    """
+    from pipeline import report
+
+    proc = threaded / "data/processed"
+    edited = tmp_path / "edited"
+    shutil.copytree(proc, edited, ignore=shutil.ignore_patterns("cache"))
+    edit_buildings(edited)
+    modes = [(on_disk, background) for on_disk in (True, False) for background in (False, True)]
+    bases = {m: report_project(tmp_path / f"{m[0]}-{m[1]}", sample, iwec_epw, proc)
+             for m in modes}
+    configs = {m: report_config(base, "report.yaml") for m, base in bases.items()}
+    for run, run_id in enumerate(("20000101T000001Z-aaaaaa", "20000101T000002Z-bbbbbb")):
+        outputs = {}
+        for (on_disk, background), base in bases.items():
+            if run == 1:
+                for name in ("yield_buildings.parquet", "ingest_accounting.json"):
+                    shutil.copy2(edited / name, base / "data/processed" / name)
+            with pytest.MonkeyPatch.context() as mp:
+                if not on_disk:
+                    mp.setattr(report, "footprints_on_disk", lambda inputs: False)
+                report_run(base, configs[(on_disk, background)], run_id, background, 2)
+            outputs[(on_disk, background)] = report_outputs(base, run_id)
+        a = outputs[(False, False)]
+        assert "data:image/png;base64," in a["report.html"]  # the maps are compared too
+        for mode in modes[:2] + modes[3:]:
+            b = outputs[mode]
+            assert list(a) == list(b)
+            for key in a:
+                if isinstance(a[key], pd.DataFrame):
+                    pd.testing.assert_frame_equal(a[key], b[key], obj=f"run {run + 1}, {mode}: "
+                                                  f"{key}")
+                else:
+                    assert a[key] == b[key], f"run {run + 1}, {mode}: {key}"
+        assert set(a["layer changes"]["change"]) == [set(), {"added", "removed", "changed"}][run]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cores", [3, 2], ids=["beside", "chained"])
 def test_report_failing_beside_its_second_processes_leaves_the_outputs(threaded, sample, iwec_epw,

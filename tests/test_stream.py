@@ -229,3 +229,41 @@ def test_from_arrow_equals_geopandas_reader(tmp_path, layout):
     pd.testing.assert_frame_equal(got, expect)
     assert got.crs == expect.crs and got.geometry.name == "geometry"
     assert list(got.columns)[:2] == ["building_id", "geometry"]
+
+
+def test_footprints_on_disk_summarise_and_read_back_the_file(tmp_path):
+    """Keys, bounds and centroids per row group; footprints read back by position and window."""
+    from shapely.geometry import Polygon
+
+    from pipeline.changes import geometry_keys
+    from pipeline.footprints import Footprints
+
+    gdf = buildings(40)
+    gdf.loc[5, "geometry"] = None  # a missing and an empty footprint are kept as such
+    gdf.loc[9, "geometry"] = Polygon()
+    gdf.loc[12, "geometry"] = shapely.MultiPolygon([box(350_100, 3_450_100, 350_110, 3_450_110),
+                                                    box(350_200, 3_450_100, 350_210, 3_450_130)])
+    write_row_groups(gdf, tmp_path / "in.parquet", 7)
+    fp = Footprints.scan(tmp_path / "in.parquet")
+    assert len(fp) == 40 and fp.starts.tolist() == [0, 7, 14, 21, 28, 35, 40]
+    assert fp.crs == gdf.crs
+    assert list(fp.keys) == list(geometry_keys(gdf.geometry))
+    np.testing.assert_allclose(fp.bounds, gdf.geometry.bounds.to_numpy())
+    cent = np.array([[g.centroid.x, g.centroid.y] if g is not None and not g.is_empty
+                     else [np.nan, np.nan] for g in gdf.geometry])
+    np.testing.assert_allclose(fp.centroids, cent)
+    # by hand: area-weighted, (100 * 3450105 + 300 * 3450115) / 400
+    assert fp.centroids[12] == pytest.approx([350_180.0, 3_450_112.5], abs=1e-6)
+    rows = np.array([33, 2, 12, 2, 5, 39, 0])  # any order, repeats, a missing footprint
+    got = fp.take(rows)
+    assert got.crs == gdf.crs and list(got.index) == list(range(len(rows)))
+    for g, r in zip(got, rows, strict=True):
+        assert (g is None) if r == 5 else g.equals(gdf.geometry.iloc[r])
+    assert len(fp.take(np.array([], dtype=int))) == 0
+    with pytest.raises(IndexError, match="outside 0..39"):
+        fp.take(np.array([40]))
+    xmin, ymin = 350_300.0, 3_450_200.0
+    expect = gdf.cx[xmin:xmin + 400, ymin:ymin + 500].index.to_numpy()
+    assert 0 < len(expect) < 40
+    assert fp.window(xmin, ymin, xmin + 400, ymin + 500).tolist() == expect.tolist()
+    assert fp.window(0, 0, 1, 1).tolist() == []

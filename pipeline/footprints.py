@@ -1,0 +1,162 @@
+"""Footprints of a stage file, kept on disk: the report's driver reads them by row group.
+
+The report summarises every building, but needs the footprints of only a few:
+the ranked roofs, the buildings in the map window, the change list's. Holding
+all of them (about 2 GB per million buildings as shapely geometries) made the
+report's driver the one process whose memory grew with the whole stock. A
+:class:`Footprints` scans the file once, a row group at a time, and keeps per
+building only what the report uses of every footprint: its change-detection
+key, bounds and centroid (about 70 bytes). Footprints themselves are read
+back by position when asked for.
+
+Outputs (per building, in file order)
+
+==============  ====  =====================================================
+attribute       unit  meaning
+==============  ====  =====================================================
+keys            -     :func:`pipeline.changes.geometry_keys` of the footprint
+bounds          m     minx, miny, maxx, maxy
+centroids       m     x, y of the centroid
+==============  ====  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+
+@dataclass(frozen=True)
+class Footprints:
+    """The footprints of a GeoParquet file's rows, read back by position.
+
+    Attributes
+    ----------
+    path : Path
+        The file (one WKB geometry column).
+    column : str
+        Its geometry column.
+    crs : pyproj.CRS
+        The footprints' CRS (metric).
+    starts : ndarray of int64
+        First row of each row group, then the number of rows.
+    keys : ndarray of str
+        Change-detection key of each footprint (:func:`pipeline.changes.geometry_keys`).
+    bounds : ndarray, shape (n, 4) [m]
+        Bounds of each footprint (NaN where missing).
+    centroids : ndarray, shape (n, 2) [m]
+        Centroid of each footprint (NaN where missing).
+    """
+
+    path: Path
+    column: str
+    crs: Any
+    starts: np.ndarray
+    keys: np.ndarray
+    bounds: np.ndarray
+    centroids: np.ndarray
+
+    @classmethod
+    def scan(cls, path: Path) -> Footprints:
+        """Read a GeoParquet file's footprints a row group at a time, keeping their summaries.
+
+        Parameters
+        ----------
+        path : Path
+            The file (``geo`` metadata, one WKB geometry column).
+
+        Returns
+        -------
+        Footprints
+        """
+        from pipeline.changes import geometry_keys
+        from pipeline.stream import cached_crs
+
+        pf = pq.ParquetFile(path)
+        geo = json.loads(pf.metadata.metadata[b"geo"])
+        name = geo["primary_column"]
+        crs = cached_crs(geo["columns"][name]["crs"])
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        n = int(starts[-1])
+        keys = np.empty(n, dtype=object)
+        bounds = np.empty((n, 4))
+        centroids = np.empty((n, 2))
+        for i in range(len(sizes)):
+            rows = slice(starts[i], starts[i + 1])
+            geoms = _decode(pf.read_row_group(i, columns=[name]).column(name))
+            keys[rows] = geometry_keys(gpd.GeoSeries(geoms, crs=crs))
+            bounds[rows] = shapely.bounds(geoms)
+            centroids[rows] = _centroids(geoms)
+        return cls(Path(path), name, crs, starts, keys, bounds, centroids)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: np.ndarray) -> gpd.GeoSeries:
+        """The footprints of some rows, read from the row groups that hold them.
+
+        Parameters
+        ----------
+        rows : array of int
+            Positions in the file, in any order, repeats allowed.
+
+        Returns
+        -------
+        GeoSeries
+            One footprint per position, in the order given (default index).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: row positions outside 0..{len(self) - 1}")
+        out = np.empty(len(rows), dtype=object)
+        group = np.searchsorted(self.starts, rows, side="right") - 1
+        pf = pq.ParquetFile(self.path)
+        for g in np.unique(group):
+            here = np.flatnonzero(group == g)
+            wkb = pf.read_row_group(int(g), columns=[self.column]).column(self.column)
+            local = rows[here] - self.starts[g]
+            out[here] = _decode(wkb.take(pa.array(local)))
+        return gpd.GeoSeries(out, crs=self.crs)
+
+    def window(self, xmin: float, ymin: float, xmax: float, ymax: float) -> np.ndarray:
+        """Positions of the footprints that intersect a rectangle, as ``GeoDataFrame.cx``.
+
+        Parameters
+        ----------
+        xmin, ymin, xmax, ymax : float
+            The rectangle [m].
+
+        Returns
+        -------
+        ndarray of int64
+            Sorted positions.
+        """
+        b = self.bounds
+        near = np.flatnonzero((b[:, 0] <= xmax) & (b[:, 2] >= xmin)
+                              & (b[:, 1] <= ymax) & (b[:, 3] >= ymin))
+        if not len(near):
+            return near.astype(np.int64)
+        hit = shapely.intersects(self.take(near).to_numpy(), shapely.box(xmin, ymin, xmax, ymax))
+        return near[hit].astype(np.int64)
+
+
+def _decode(wkb: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Shapely geometries of a WKB column (None where null)."""
+    return shapely.from_wkb(np.asarray(wkb.to_numpy(zero_copy_only=False), dtype=object))
+
+
+def _centroids(geoms: np.ndarray) -> np.ndarray:
+    """Centroid coordinates, NaN for missing and empty geometries."""
+    out = np.full((len(geoms), 2), np.nan)
+    present = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
+    out[present] = shapely.get_coordinates(shapely.centroid(geoms[present]))
+    return out
