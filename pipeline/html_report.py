@@ -134,7 +134,8 @@ def districts_map_png(dlayer: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame, fam
 
     binned = len(buildings) > EXACT_DOTS_MAX
     if footprints is not None:  # the buildings' footprints stayed on disk
-        b, centroids = footprints.bounds, footprints.centroids
+        b = footprints.bounds
+        centroids = None if binned else footprints.centroids
     else:
         geoms = np.asarray(buildings.geometry.array)
         b = shapely.bounds(geoms) if binned else None

@@ -693,7 +693,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     streamed = second.streamed
     # without existing PV and towns, which join footprints, the footprints stay on disk: the
     # driver reads the columns the report uses, and the footprints a row group at a time
-    # (their keys, bounds and centroids kept; the ranked roofs' and the map's read back), and
+    # (their keys and bounds kept; the ranked roofs' and the map's read back), and
     # the buildings layer is streamed from the yield file, here or in a second process
     lean = footprints_on_disk(inputs)
     footprints = None
@@ -795,8 +795,8 @@ def footprints_on_disk(inputs: tuple) -> bool:
 
     It does unless existing PV or towns are given: their joins take every
     footprint. Then the driver holds them all (about 2 GB per million
-    buildings); else only their keys, bounds and centroids
-    (:class:`pipeline.footprints.Footprints`, about 70 bytes a building).
+    buildings); else only their keys and bounds
+    (:class:`pipeline.footprints.Footprints`, about 100 bytes a building).
 
     Parameters
     ----------
