@@ -52,6 +52,10 @@ LAYER_DESCRIPTIONS = {
 }
 
 
+#: Column of the ranked roofs (not written) holding each roof's row in the yield file.
+FILE_ROW = "file_row"
+
+
 @dataclass
 class Plan:
     """Everything the planner deliverables show, computed once."""
@@ -119,7 +123,11 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     existing = (tg.existing_toward_targets(systems, cfg.targets) if systems is not None
                 else tg.existing_toward_targets(_no_systems(), cfg.targets))
     remaining = tg.remaining_mw(cfg.targets, existing)
-    ranked = tg.target_plan(buildings, remaining, cfg.targets, plan_cfg.ranking_order,
+    # with the footprints on disk each ranked roof carries its row in the file, to read its
+    # footprint back (matching 2M building ids took 1.3 s)
+    ranked = tg.target_plan(buildings if footprints is None else buildings.assign(
+                                **{FILE_ROW: np.arange(len(buildings), dtype=np.int64)}),
+                            remaining, cfg.targets, plan_cfg.ranking_order,
                             plan_cfg.type_priority)
     targets = tg.plan_targets(target_table(buildings, cfg.targets), existing, ranked, buildings,
                               cfg.targets, tg.priority_types(plan_cfg.type_priority),
@@ -128,9 +136,8 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     if footprints is None:
         plan = gpd.GeoDataFrame(ranked[cols], geometry="geometry", crs=buildings.crs)
     else:  # the ranked roofs' footprints, by their rows in the file
-        rows = pd.Index(buildings["building_id"]).get_indexer(ranked["building_id"])
-        plan = gpd.GeoDataFrame(ranked[cols], geometry=footprints.take(rows).to_numpy(),
-                                crs=footprints.crs)
+        plan = gpd.GeoDataFrame(ranked[cols], crs=footprints.crs,
+                                geometry=footprints.take(ranked[FILE_ROW].to_numpy()).to_numpy())
     return Plan(buildings=buildings, targets=targets, plan=plan, systems=systems, towns=towns,
                 split=split, footprints=footprints)
 
