@@ -492,22 +492,27 @@ def read_snapshot(path: Path) -> pd.DataFrame:
     instead of 1.1-2.1 s to read; :func:`compare` decodes only the footprints
     of the buildings that changed.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    return _wkb_frame(pq.read_table(path))
+
+
+def _wkb_frame(table: Any) -> pd.DataFrame:
+    """A snapshot's Arrow table as a DataFrame, its WKB left in Arrow memory."""
+    import pyarrow as pa
 
     binary = {pa.binary(): pd.ArrowDtype(pa.binary()),
               pa.large_binary(): pd.ArrowDtype(pa.large_binary())}
-    return pq.read_table(path).to_pandas(types_mapper=binary.get)
+    return table.to_pandas(types_mapper=binary.get)
 
 
 def _footprints(frame: pd.DataFrame) -> np.ndarray:
     """Footprints of a snapshot's rows, whether geometries or WKB (:func:`load_previous`)."""
     if isinstance(frame, gpd.GeoDataFrame):
         return np.asarray(frame.geometry.array, dtype=object)
-    if "geometry" not in frame and len(frame) == 0:
+    if len(frame) == 0:  # also a snapshot made without footprints
         return np.empty(0, dtype=object)
-    wkb = frame["geometry"].to_numpy(dtype=object, na_value=None)
-    return shapely.from_wkb(wkb) if len(wkb) else np.empty(0, dtype=object)
+    return shapely.from_wkb(frame["geometry"].to_numpy(dtype=object, na_value=None))
 
 
 def markdown(changes: pd.DataFrame, deltas: pd.DataFrame, previous_run: str | None,
@@ -624,11 +629,10 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
     """
     from pipeline.runs import SNAPSHOT_BUILDINGS
 
-    if run_dir is not None:
-        write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src)
-    if not isinstance(current, gpd.GeoDataFrame):  # footprints in the file just written
-        if run_dir is not None:
-            current = read_snapshot(run_dir / SNAPSHOT_BUILDINGS)
+    written = write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src) if run_dir else None
+    if not isinstance(current, gpd.GeoDataFrame):  # footprints as just written, the file's WKB
+        if written is not None:
+            current = _wkb_frame(written)
         elif previous_dir is not None:
             raise ValueError("building_changes: a snapshot without footprints is compared "
                              "only once written (run_dir)")
@@ -665,7 +669,7 @@ def compare_snapshots(current: pd.DataFrame, previous_dir: Path | None,
     return BuildingChanges(changes, district_sums(previous), district_sums(current), prev_d)
 
 
-def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) -> None:
+def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) -> Any:
     """Write a building snapshot as GeoParquet, atomically.
 
     Parameters
@@ -681,6 +685,11 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
         (at 1M buildings the snapshot took 5.2 s to write, 2.7 s of it
         encoding). Rows that are not the file's, by count or
         ``building_id``, are encoded.
+
+    Returns
+    -------
+    pyarrow.Table or None
+        What was written, when the WKB came from ``src`` (else None).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -705,7 +714,7 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
                          "file, but its rows are not that file's")
     if stored is None or (len(snap) == 0 and spatial):
         write_parquet_atomic(snap, path)
-        return
+        return None
     attrs = snap.drop(columns=snap.geometry.name) if spatial else snap
     table = pa.Table.from_pandas(pd.DataFrame(attrs), preserve_index=False)
     table = table.append_column("geometry", stored.column(name).cast(pa.binary()))
@@ -714,6 +723,7 @@ def write_snapshot(snap: gpd.GeoDataFrame, path: Path, src: Path | None = None) 
                                            b"geo": json.dumps(geo).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="snappy", use_dictionary=False)
+    return table
 
 
 def building_changes_from_file(src: str, no_id: list[str], previous_dir: str | None,
