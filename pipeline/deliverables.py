@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +88,9 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
         :func:`plan_inputs`, when already read.
     footprints : Footprints, optional
         The buildings' footprints on disk (:mod:`pipeline.footprints`), when
-        ``buildings`` holds none (a DataFrame in file order): only the ranked
-        roofs' are read. Not with existing PV or towns, which join footprints.
+        ``buildings`` holds none (a DataFrame in file order, default index):
+        the ranked roofs' are read back, and with existing PV or towns, which
+        join footprints, all of them a row group at a time.
 
     Returns
     -------
@@ -101,19 +102,20 @@ def prepare_plan(cfg: object, base_dir: Path, buildings: gpd.GeoDataFrame,
     plan_cfg = cfg.plan
     density = cfg.roof.module_power_density_w_per_m2
     raw, towns = inputs if inputs is not None else plan_inputs(cfg, base_dir, districts)
-    if footprints is not None and (raw is not None or towns is not None):
-        raise ValueError("prepare_plan: existing PV and towns need the buildings' footprints "
-                         "in the frame, not on disk")
+    pairs = None
     if raw is not None:  # over all buildings, before the partitions split them
-        raw = tg.system_roof_totals(raw, [buildings])
+        raw = tg.system_roof_totals(raw, [buildings] if footprints is None else
+                                    with_footprints(buildings[["building_id"]], footprints))
     args = building_plan_args(cfg, raw, towns)
     if raw is None and towns is None:
         buildings = plan_buildings(buildings, *args)  # columns only: no partitions needed
-    else:
+    elif footprints is None:
         buildings = map_partitions(buildings, plan_buildings, *args)
+    else:
+        buildings, pairs = plan_row_groups(buildings, footprints, args)
     systems = split = None
     if raw is not None:
-        systems = tg.locate_existing_pv(raw, buildings, districts, density)
+        systems = tg.locate_existing_pv(raw, buildings, districts, density, pairs)
         log.info("existing PV: %d systems, %.1f MW, %.0f m2 of roof taken", len(systems),
                  systems["pv_capacity_kwp"].sum() / 1000,
                  buildings["existing_pv_area_m2"].sum())
@@ -225,6 +227,71 @@ def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
     if towns is not None:
         part = tg.assign_towns(part, towns)
     return part
+
+
+def with_footprints(buildings: pd.DataFrame, footprints: Footprints
+                    ) -> Iterator[gpd.GeoDataFrame]:
+    """The buildings a row group at a time, with their footprints read from disk.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        Rows of the footprints' file, in file order.
+    footprints : Footprints
+        Their footprints (:mod:`pipeline.footprints`).
+
+    Yields
+    ------
+    GeoDataFrame
+        The rows of one row group (labels kept) with their footprints; one
+        empty frame for a file without rows.
+    """
+    if len(buildings) != len(footprints):
+        raise ValueError(f"{footprints.path}: {len(footprints)} footprints for "
+                         f"{len(buildings)} buildings")
+    empty = True
+    for rows, geoms in footprints.row_groups():
+        empty = False
+        yield gpd.GeoDataFrame(buildings.iloc[rows], geometry=geoms, crs=footprints.crs,
+                               copy=False)
+    if empty:
+        yield gpd.GeoDataFrame(buildings.iloc[:0], geometry=np.empty(0, dtype=object),
+                               crs=footprints.crs)
+
+
+def plan_row_groups(buildings: pd.DataFrame, footprints: Footprints, args: tuple
+                    ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """:func:`plan_buildings` a row group at a time, the footprints read from disk.
+
+    The same columns and values as over the whole frame: every building's
+    existing PV comes from the systems' totals over all buildings, and towns
+    are assigned building by building.
+
+    Parameters
+    ----------
+    buildings : DataFrame
+        Yield-stage buildings without footprints, in file order, default index.
+    footprints : Footprints
+        Their footprints.
+    args : tuple
+        :func:`building_plan_args`, the systems with their roof totals.
+
+    Returns
+    -------
+    buildings : DataFrame
+        ``buildings`` with the plan's columns.
+    pairs : DataFrame or None
+        :func:`pipeline.targets.pv_roof_pairs` of all buildings, ``building``
+        the row position (None without existing PV).
+    """
+    systems, density = args[0], args[2]
+    done, pairs = [], []
+    for part in with_footprints(buildings, footprints):
+        if systems is not None:
+            pairs.append(tg.pv_roof_pairs(part, systems, density))
+        out = plan_buildings(part, *args)
+        done.append(pd.DataFrame(out.drop(columns=out.geometry.name)))
+    return pd.concat(done), (pd.concat(pairs, ignore_index=True) if pairs else None)
 
 
 def _no_systems() -> pd.DataFrame:

@@ -7,7 +7,9 @@ report's driver the one process whose memory grew with the whole stock. A
 :class:`Footprints` scans the file once, a row group at a time, and keeps per
 building only what the report uses of every footprint: its change-detection
 key and bounds (about 100 bytes); footprints, and centroids when a map
-needs them, are read back when asked for.
+needs them, are read back when asked for, and all of them again a row
+group at a time where existing PV or towns join them
+(:func:`pipeline.deliverables.plan_row_groups`).
 
 Outputs (per building, in file order)
 
@@ -87,7 +89,7 @@ class Footprints:
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         n = int(starts[-1])
         out = cls(Path(path), name, crs, starts, np.empty(n, dtype=object), np.empty((n, 4)))
-        for rows, geoms in out._row_groups():
+        for rows, geoms in out.row_groups():
             out.keys[rows] = geometry_keys(gpd.GeoSeries(geoms, crs=crs))
             out.bounds[rows] = shapely.bounds(geoms)
         return out
@@ -101,14 +103,14 @@ class Footprints:
         :meth:`scan` took 1.4 of its 5.5 s).
         """
         out = np.empty((len(self), 2))
-        for rows, geoms in self._row_groups():
+        for rows, geoms in self.row_groups():
             out[rows] = _centroids(geoms)
         return out
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _row_groups(self) -> Iterator[tuple[slice, np.ndarray]]:
+    def row_groups(self) -> Iterator[tuple[slice, np.ndarray]]:
         """Each row group's rows in the file and its footprints, decoded one group at a time."""
         pf = pq.ParquetFile(self.path)
         for i in range(len(self.starts) - 1):

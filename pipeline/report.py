@@ -650,10 +650,10 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                 write_buildings_layer, str(src), str(tmp["rooftop_pv.gpkg"]),
                 dv.building_plan_args(cfg, *inputs), dv.layer_options(["buildings"])["buildings"],
                 metadata_items(prov))
-        if background and all(x is None for x in inputs):
+        if background and inputs[0] is None:
             # and the buildings are compared with the previous run's in a second process too;
-            # not with existing PV, whose roofs' capacities the plan changes, nor with towns,
-            # whose partitions would wait for the workers
+            # not with existing PV, whose roofs' capacities the plan changes (towns change no
+            # compared column)
             if parallel.available_cores() >= cfg.report.changes_process_min_cores:
                 second.compared = parallel.submit_background(
                     changes.building_changes_from_file, *changes.building_changes_args(cfg, src))
@@ -691,18 +691,12 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
 
     proc = base_dir / cfg.paths.processed_dir
     streamed = second.streamed
-    # without existing PV and towns, which join footprints, the footprints stay on disk: the
-    # driver reads the columns the report uses, and the footprints a row group at a time
-    # (their keys and bounds kept; the ranked roofs' and the map's read back), and
-    # the buildings layer is streamed from the yield file, here or in a second process
-    lean = footprints_on_disk(inputs)
-    footprints = None
-    if lean:
-        buildings = read_columns(src, [c for c in report_columns(src) if c != "geometry"])
-        footprints = Footprints.scan(src)
-    else:  # the driver never writes the buildings layer when it is streamed
-        columns = report_columns(src) if streamed is not None else None
-        buildings = gpd.read_parquet(src, columns=columns)
+    # the footprints stay on disk: the driver reads the columns the report uses, and the
+    # footprints a row group at a time (their keys and bounds kept; the ranked roofs' and the
+    # map's read back, all of them again where existing PV or towns join them), and the
+    # buildings layer is streamed from the yield file, here or in a second process
+    buildings = read_columns(src, [c for c in report_columns(src) if c != "geometry"])
+    footprints = Footprints.scan(src)
     rejected = gpd.read_parquet(proc / "ingest_rejected.parquet")
     accounting = json.loads((proc / "ingest_accounting.json").read_text(encoding="utf-8"))
     kept = sum(a["kept"] for a in accounting.values())
@@ -735,9 +729,8 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     step("workbook")
     if not second.compares:
         part = changes.building_changes(
-            changes.snapshot(buildings, changes.sources_without_id(cfg),
-                             footprints.keys if footprints is not None else None),
-            *changes.run_dirs(), src, footprints.crs if footprints is not None else None)
+            changes.snapshot(buildings, changes.sources_without_id(cfg), footprints.keys),
+            *changes.run_dirs(), src, footprints.crs)
         step("changes")
     layers = {
         "buildings": buildings,
@@ -753,23 +746,21 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     if plan.systems is not None:
         layers["existing_pv"] = plan.systems
     # the styles name the fields of the whole buildings layer, as it is written
-    fields = ({"buildings": layer_fields(src, buildings)}
-              if lean or streamed is not None else None)
+    fields = {"buildings": layer_fields(src, buildings)}
     gpkg = tmp["rooftop_pv.gpkg"]
     written = dict(layers)
-    if streamed is not None or lean:
-        if streamed is not None:
-            rows = streamed.result()
-        else:  # in this process, a row group at a time
-            rows = write_buildings_layer(
-                str(src), str(gpkg), dv.building_plan_args(cfg, *inputs),
-                dv.layer_options(["buildings"])["buildings"], metadata_items(prov))
-        if rows != len(buildings):
-            raise RuntimeError(f"{gpkg}: the buildings layer has {rows} rows, the report "
-                               f"{len(buildings)}")
-        step("geopackage buildings" + (" (wait)" if streamed is not None else ""))
-        second.poll()  # the change list starts now, if it waited for the layer
-        written.pop("buildings")
+    if streamed is not None:
+        rows = streamed.result()
+    else:  # in this process, a row group at a time
+        rows = write_buildings_layer(
+            str(src), str(gpkg), dv.building_plan_args(cfg, *inputs),
+            dv.layer_options(["buildings"])["buildings"], metadata_items(prov))
+    if rows != len(buildings):
+        raise RuntimeError(f"{gpkg}: the buildings layer has {rows} rows, the report "
+                           f"{len(buildings)}")
+    step("geopackage buildings" + (" (wait)" if streamed is not None else ""))
+    second.poll()  # the change list starts now, if it waited for the layer
+    written.pop("buildings")
     # the plan's layers are written while the buildings are compared; the change layers and
     # the styles of all layers follow
     write_layers(gpkg, written, dv.layer_options(written), metadata_items(prov))
@@ -790,29 +781,9 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                        len(rejected))}
 
 
-def footprints_on_disk(inputs: tuple) -> bool:
-    """Whether the report's driver leaves the buildings' footprints on disk.
-
-    It does unless existing PV or towns are given: their joins take every
-    footprint. Then the driver holds them all (about 2 GB per million
-    buildings); else only their keys and bounds
-    (:class:`pipeline.footprints.Footprints`, about 100 bytes a building).
-
-    Parameters
-    ----------
-    inputs : tuple
-        :func:`pipeline.deliverables.plan_inputs`: existing PV and towns, or None each.
-
-    Returns
-    -------
-    bool
-    """
-    return all(x is None for x in inputs)
-
-
 #: Yield-stage columns that only the ``buildings`` layer shows: no summary, table, chart or
-#: other layer of the report reads them, so the driver does not read them when a second
-#: process writes that layer (:func:`write_buildings_layer`; at 1M buildings 39 of 74 columns,
+#: other layer of the report reads them, so the driver does not read them: the layer is
+#: streamed from the file (:func:`write_buildings_layer`; at 1M buildings 39 of 74 columns,
 #: read in ~2 s instead of 4-5 s, and ~0.3 GB less memory). ``tests/test_end_to_end.py`` checks
 #: that the outputs stay the same.
 BUILDINGS_LAYER_ONLY_COLUMNS = (

@@ -427,22 +427,26 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     return out
 
 
-def locate_existing_pv(systems: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame,
-                       districts: gpd.GeoDataFrame, power_density_w_per_m2: float
-                       ) -> gpd.GeoDataFrame:
+def locate_existing_pv(systems: gpd.GeoDataFrame, buildings: pd.DataFrame,
+                       districts: gpd.GeoDataFrame, power_density_w_per_m2: float,
+                       pairs: pd.DataFrame | None = None) -> gpd.GeoDataFrame:
     """Each PV system with the roof it sits on and its district.
 
     Parameters
     ----------
     systems : GeoDataFrame
         Output of :func:`system_roof_totals` over ``buildings``.
-    buildings : GeoDataFrame
+    buildings : DataFrame
         All buildings: ``building_id``, ``building_type``, ``district_name``,
-        ``gcr``.
+        and, unless ``pairs`` are given, ``gcr`` and the footprints.
     districts : GeoDataFrame
         ``district_name`` polygons.
     power_density_w_per_m2 : float
         Module power density [W/m2].
+    pairs : DataFrame, optional
+        :func:`pv_roof_pairs` of all buildings, in any order and from any
+        split of them, with ``building`` the row position in ``buildings``
+        (when the footprints were read a part at a time); else computed here.
 
     Returns
     -------
@@ -455,8 +459,12 @@ def locate_existing_pv(systems: gpd.GeoDataFrame, buildings: gpd.GeoDataFrame,
     """
     out = systems.drop(columns=list(ROOF_TOTAL_COLUMNS))
     b = buildings.reset_index(drop=True)
-    pairs = pv_roof_pairs(b, systems, power_density_w_per_m2)
-    main = pairs.sort_values(["system", "area_m2"], ascending=[True, False]) \
+    if pairs is None:
+        pairs = pv_roof_pairs(b, systems, power_density_w_per_m2)
+    # by system, then building: the sums and the ties of the largest area (the first roof in
+    # file order) do not depend on how the buildings were split
+    pairs = pairs.iloc[np.lexsort((pairs["building"].to_numpy(), pairs["system"].to_numpy()))]
+    main = pairs.sort_values(["system", "area_m2"], ascending=[True, False], kind="stable") \
         .drop_duplicates("system").set_index("system")
     pos = main["building"].reindex(range(len(out)))
     has = pos.notna().to_numpy()

@@ -310,6 +310,54 @@ def test_prepare_plan_splits_existing_pv_alike_over_partitions(tmp_path):
     assert plans[2].targets.iloc[0]["target_existing_mw"] == pytest.approx(0.0142)
 
 
+def test_prepare_plan_with_footprints_on_disk_equals_the_whole_frame(tmp_path):
+    """Footprints read a row group (one building) at a time: the whole frame's plan.
+
+    Three roofs in a row: s1 over a and b (60 / 40 m2), s2 a point on their
+    wall, s3 over b and c with 50 m2 each (the tie goes to the first roof in
+    file order, b); towns split the row between b and c.
+    """
+    from pipeline.deliverables import plan_inputs
+    from pipeline.footprints import Footprints
+    from pipeline.parallel import scheduler_context
+    from pipeline.stream import GeoParquetWriter, read_columns, to_arrow
+
+    b = pd.concat([adjacent_buildings(), adjacent_buildings().iloc[[1]]], ignore_index=True)
+    b = b.set_geometry([box(0, 0, 20, 20), box(20, 0, 40, 20), box(40, 0, 70, 20)], crs=CRS)
+    b["building_id"] = ["a", "b", "c"]
+    b["district_name"] = "A"
+    tie = gpd.GeoDataFrame({"pv_id": ["s3"], "pv_capacity_kwp": [5.0], "pv_year": [2024],
+                            "pv_status": ["installed"]}, geometry=[box(35, 5, 45, 15)], crs=CRS)
+    pv = pd.concat([straddling_systems(), tie], ignore_index=True)
+    districts = gpd.GeoDataFrame({"district_name": ["A"]}, geometry=[box(-50, -50, 300, 300)],
+                                 crs=CRS)
+    cfg = plan_cfg(tmp_path, True, True, pv)
+    src = tmp_path / "yield_buildings.parquet"
+    with GeoParquetWriter(src) as w:
+        for i in range(len(b)):
+            w.write(to_arrow(b.iloc[[i]]))
+    inputs = plan_inputs(cfg, tmp_path, districts)
+    with scheduler_context("synchronous", n_workers=1, npartitions=2):
+        whole = prepare_plan(cfg, tmp_path, gpd.read_parquet(src), districts, inputs)
+    fp = Footprints.scan(src)
+    lean = prepare_plan(cfg, tmp_path, read_columns(src, [c for c in b.columns
+                                                          if c != "geometry"]),
+                        districts, inputs, fp)
+    pd.testing.assert_frame_equal(pd.DataFrame(whole.buildings.drop(columns="geometry")),
+                                  lean.buildings, check_exact=True)
+    for name in ("targets", "plan", "systems", "towns", "split"):
+        pd.testing.assert_frame_equal(getattr(whole, name), getattr(lean, name),
+                                      check_exact=True, obj=name)
+    # s1: 10 kWp x 60/100 on a, x 40/100 on b; s2: 4.2 kWp on a; s3: 2.5 kWp each on b and c
+    assert lean.buildings["existing_pv_kwp"].tolist() == pytest.approx([10.2, 6.5, 2.5])
+    assert lean.systems["building_id"].tolist() == ["a", "a", "b"]
+    assert lean.systems["pv_roof_area_m2"].tolist() == pytest.approx([100.0, 40.0, 100.0])
+    assert lean.buildings["town_name"].tolist() == ["w", "w", "e"]
+    with pytest.raises(ValueError, match="3 footprints for 2 buildings"):
+        prepare_plan(cfg, tmp_path, read_columns(src, ["building_id"]).iloc[:2], districts,
+                     inputs, fp)
+
+
 @pytest.mark.parametrize("case", ["plan inputs", "none", "pv across row groups"])
 def test_streamed_buildings_layer_equals_the_whole_frame_layer(tmp_path, case):
     """The report's second process writes the same buildings layer, one row group at a time.

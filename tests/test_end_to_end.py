@@ -10,6 +10,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import pyarrow.parquet as pq
 import pyogrio
 import pytest
 
@@ -342,49 +343,66 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
             assert "layer existing_pv" in a and "layer towns" in a
 
 
-def test_report_with_footprints_on_disk_equals_report_holding_them(threaded, sample, iwec_epw,
-                                                                   tmp_path):
-    """The driver reading footprints by row group writes what it wrote holding them all.
+@pytest.mark.parametrize("case", ["none", "existing pv and towns"])
+def test_plan_with_footprints_on_disk_equals_plan_holding_them(threaded, sample, iwec_epw,
+                                                              tmp_path, case):
+    """The report's driver reading footprints by row group plans what it planned holding them.
 
-    Every output (layers, both reports with their maps, the workbook, the run's
-    snapshots) of a first run and of one after buildings were removed, added
-    and changed: with the footprints on disk (the default without existing PV
-    and towns), and held in the driver as with them. In the driver alone and
-    with the second processes.
+    The sample's yield file in row groups of 37 buildings, so that the PV
+    systems and towns join footprints of several row groups: the plan's
+    buildings, targets, ranked roofs (with their footprints), existing PV,
+    towns and town split, and both maps, against the whole frame's in
+    partitions.
     """
-    from pipeline import report
+    from pipeline import deliverables as dv
+    from pipeline import html_report as hr
+    from pipeline.config import load_config
+    from pipeline.footprints import Footprints
+    from pipeline.ingest import load_districts
+    from pipeline.parallel import scheduler_context
+    from pipeline.report import report_columns
+    from pipeline.stream import read_columns
 
     proc = threaded / "data/processed"
-    edited = tmp_path / "edited"
-    shutil.copytree(proc, edited, ignore=shutil.ignore_patterns("cache"))
-    edit_buildings(edited)
-    modes = [(on_disk, background) for on_disk in (True, False) for background in (False, True)]
-    bases = {m: report_project(tmp_path / f"{m[0]}-{m[1]}", sample, iwec_epw, proc)
-             for m in modes}
-    configs = {m: report_config(base, "report.yaml") for m, base in bases.items()}
-    for run, run_id in enumerate(("20000101T000001Z-aaaaaa", "20000101T000002Z-bbbbbb")):
-        outputs = {}
-        for (on_disk, background), base in bases.items():
-            if run == 1:
-                for name in ("yield_buildings.parquet", "ingest_accounting.json"):
-                    shutil.copy2(edited / name, base / "data/processed" / name)
-            with pytest.MonkeyPatch.context() as mp:
-                if not on_disk:
-                    mp.setattr(report, "footprints_on_disk", lambda inputs: False)
-                report_run(base, configs[(on_disk, background)], run_id, background, 2)
-            outputs[(on_disk, background)] = report_outputs(base, run_id)
-        a = outputs[(False, False)]
-        assert "data:image/png;base64," in a["report.html"]  # the maps are compared too
-        for mode in modes[:2] + modes[3:]:
-            b = outputs[mode]
-            assert list(a) == list(b)
-            for key in a:
-                if isinstance(a[key], pd.DataFrame):
-                    pd.testing.assert_frame_equal(a[key], b[key], obj=f"run {run + 1}, {mode}: "
-                                                  f"{key}")
-                else:
-                    assert a[key] == b[key], f"run {run + 1}, {mode}: {key}"
-        assert set(a["layer changes"]["change"]) == [set(), {"added", "removed", "changed"}][run]
+    base = report_project(tmp_path / "project", sample, iwec_epw, proc)
+    plan = None
+    if case != "none":
+        plan = plan_files(proc, tmp_path / "plan", "浦东新区")
+        shutil.copytree(tmp_path / "plan", base / "data/raw/plan")
+    cfg = load_config(base / report_config(base, "report.yaml", plan))
+    src = base / "data/processed/yield_buildings.parquet"
+    whole = gpd.read_parquet(src, columns=report_columns(src))
+    whole.to_parquet(src, index=False, row_group_size=37)
+    assert pq.ParquetFile(src).metadata.num_row_groups > 10
+    districts = load_districts(cfg.districts, cfg.working_crs, base, cfg.targets)
+    inputs = dv.plan_inputs(cfg, base, districts)
+    assert (inputs[0] is not None) == (case != "none")
+    with scheduler_context("synchronous", n_workers=1, npartitions=3):
+        held = dv.prepare_plan(cfg, base, whole, districts, inputs)
+    footprints = Footprints.scan(src)
+    lean = dv.prepare_plan(cfg, base, read_columns(src, [c for c in whole.columns
+                                                         if c != "geometry"]),
+                           districts, inputs, footprints)
+    pd.testing.assert_frame_equal(pd.DataFrame(held.buildings.drop(columns="geometry")),
+                                  lean.buildings, check_exact=True)
+    for name in ("targets", "plan", "systems", "towns", "split"):
+        h, n = getattr(held, name), getattr(lean, name)
+        assert (h is None) == (n is None) == (case == "none" and name != "targets"
+                                              and name != "plan"), name
+        if h is not None:
+            pd.testing.assert_frame_equal(h, n, check_exact=True, obj=name)
+    if case != "none":
+        assert lean.buildings["existing_pv_kwp"].sum() > 0
+        assert set(lean.buildings["town_name"]) >= {"west", "east"}
+        assert lean.systems["building_id"].notna().all()
+    assert len(lean.plan) and lean.plan.geometry.notna().all()
+    family = hr.register_cjk_font(cfg.report.cjk_font_files)
+    dlayer = districts.assign(target_verdict="reachable")
+    target = cfg.targets[0].id
+    assert hr.districts_map_png(dlayer, held.buildings, family) == hr.districts_map_png(
+        dlayer, lean.buildings, family, footprints=footprints)
+    assert hr.buildings_map_png(held.buildings, held.plan, target, family) == \
+        hr.buildings_map_png(lean.buildings, lean.plan, target, family, footprints=footprints)
 
 
 @pytest.mark.slow
