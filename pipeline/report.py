@@ -459,9 +459,10 @@ class SecondProcesses:
         beside the layer, or :func:`pipeline.changes.building_changes_from_snapshot`
         after it.
     waiting : bool
-        With fewer than ``report.changes_process_min_cores`` cores the change
-        list waits for the driver's snapshot (:meth:`provide`) and for the
-        buildings layer, then runs in the same second process.
+        With fewer than ``report.changes_process_min_cores`` cores, or with
+        existing PV, the change list waits for the driver's snapshot
+        (:meth:`provide`) and for the buildings layer, then runs in the same
+        second process.
     """
 
     def __init__(self) -> None:
@@ -650,17 +651,18 @@ def run(cfg: PipelineConfig, base_dir: Path, config_path: Path) -> dict:
                 write_buildings_layer, str(src), str(tmp["rooftop_pv.gpkg"]),
                 dv.building_plan_args(cfg, *inputs), dv.layer_options(["buildings"])["buildings"],
                 metadata_items(prov))
-        if background and inputs[0] is None:
-            # and the buildings are compared with the previous run's in a second process too;
-            # not with existing PV, whose roofs' capacities the plan changes (towns change no
-            # compared column)
-            if parallel.available_cores() >= cfg.report.changes_process_min_cores:
-                second.compared = parallel.submit_background(
-                    changes.building_changes_from_file, *changes.building_changes_args(cfg, src))
-            elif changes.run_dirs()[1] is not None:
-                # few cores: the driver writes the snapshot into the run's folder, the second
-                # process compares it once the buildings layer is written
-                second.defer()
+        # and the buildings are compared with the previous run's in a second process too
+        if (background and inputs[0] is None
+                and parallel.available_cores() >= cfg.report.changes_process_min_cores):
+            # beside the layer, from the yield file; not with existing PV, whose roofs'
+            # capacities the plan changes (towns change no compared column)
+            second.compared = parallel.submit_background(
+                changes.building_changes_from_file, *changes.building_changes_args(cfg, src))
+        elif background and changes.run_dirs()[1] is not None:
+            # few cores, or existing PV: the driver writes the snapshot into the run's folder
+            # (with existing PV after the plan), the second process compares it once the
+            # buildings layer is written
+            second.defer()
         try:
             result = _report(cfg, base_dir, config_path, src, districts, prov, inputs, font,
                              tmp, second, step)
@@ -704,7 +706,7 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
         raise RuntimeError(f"accounting broken: ingest kept {kept} buildings but the yield "
                            f"stage has {len(buildings)}")
     step("read")
-    if second.waiting:
+    if second.waiting and inputs[0] is None:
         second.provide(changes.snapshot_for_comparison(buildings, cfg, src, footprints))
         step("snapshot")
     plan = dv.prepare_plan(cfg, base_dir, buildings, districts, inputs, footprints)
@@ -713,6 +715,9 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                              cfg.plan.grid_emission_factor_t_co2_per_mwh)
     by_type = summarise(buildings, ["district_name", "building_type"])
     step("plan")
+    if second.waiting and inputs[0] is not None:  # the capacities net of existing PV
+        second.provide(changes.snapshot_for_comparison(buildings, cfg, src, footprints))
+        step("snapshot")
     second.poll()
     monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
