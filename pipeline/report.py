@@ -448,7 +448,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
 
 
 class SecondProcesses:
-    """The report's second processes: the buildings layer and the change list.
+    """The report's second processes: the buildings layer, the change list, the workbook.
 
     Attributes
     ----------
@@ -463,11 +463,15 @@ class SecondProcesses:
         existing PV, the change list waits for the driver's snapshot
         (:meth:`provide`) and for the buildings layer, then runs in the same
         second process.
+    workbook : Future or None
+        :func:`pipeline.workbook.write_workbook`, in a worker of the run's
+        process pool once the driver has the sheets (None: the driver writes it).
     """
 
     def __init__(self) -> None:
         self.streamed: Any = None
         self.compared: Any = None
+        self.workbook: Any = None
         self.waiting = False
         self._args: tuple | None = None
         self._lock = threading.RLock()
@@ -513,7 +517,7 @@ class SecondProcesses:
         """Cancel what has not started and wait for what has (errors are not raised)."""
         with self._lock:
             self.waiting = False
-        for future in (self.streamed, self.compared):
+        for future in (self.streamed, self.compared, self.workbook):
             if future is not None:
                 future.cancel()
                 with contextlib.suppress(Exception):
@@ -718,6 +722,18 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     if second.waiting and inputs[0] is not None:  # the capacities net of existing PV
         second.provide(changes.snapshot_for_comparison(buildings, cfg, src, footprints))
         step("snapshot")
+    table = assumptions(config_path, ASSUMPTION_SECTIONS)
+    sheets = dv.workbook_sheets(plan, dlayer, by_type, table, prov)
+    if streamed is not None and parallel.local_processes():
+        # another worker of the pool writes the workbook while the driver writes the reports
+        # and the GeoPackage's other layers (the sheets are sent without geometry)
+        second.workbook = parallel.submit_background(
+            write_workbook, tmp["rooftop_pv.xlsx"],
+            {k: pd.DataFrame(v.drop(columns="geometry", errors="ignore"))
+             for k, v in sheets.items()})
+    else:
+        write_workbook(tmp["rooftop_pv.xlsx"], sheets)
+    step("workbook")
     second.poll()
     monthly = monthly_energy(buildings)
     md = render_markdown(cfg, config_path, buildings, dlayer, targets, by_type, accounting,
@@ -725,13 +741,10 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     md += "\n" + dv.plan_markdown(cfg, plan, monthly, prov)
     step("markdown")
     second.poll()
-    table = assumptions(config_path, ASSUMPTION_SECTIONS)
     dv.write_html(tmp["report.html"], cfg, plan, dlayer, by_type, monthly, accounting,
                   table, rule_view(cfg, dlayer), prov, font)
     step("html")
     second.poll()
-    write_workbook(tmp["rooftop_pv.xlsx"], dv.workbook_sheets(plan, dlayer, by_type, table, prov))
-    step("workbook")
     if not second.compares:
         part = changes.building_changes(
             changes.snapshot(buildings, changes.sources_without_id(cfg), footprints.keys),
@@ -781,6 +794,9 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
                         if k not in written and k != "buildings"}, options, metadata_items(prov))
     check_geopackage(gpkg)  # PRAGMA quick_check before it replaces the old one
     step("geopackage changes")
+    if second.workbook is not None:
+        second.workbook.result()
+        step("workbook (wait)")
     return {"targets": targets.to_dict("records"),
             "counts": (len(buildings), len(dlayer), len(targets), len(plan.plan),
                        len(rejected))}

@@ -293,7 +293,7 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
     change list runs beside the buildings layer (``background``; with
     existing PV after it, from the driver's snapshot of the plan's
     capacities) or after it in the same process (``chained``, as on a
-    2-core machine).
+    2-core machine); the workbook is written by a worker of the pool.
     """
     from pipeline.report import BUILDINGS_LAYER_ONLY_COLUMNS
 
@@ -324,6 +324,7 @@ def test_report_with_second_processes_equals_report_in_driver(threaded, sample, 
             assert len(steps) == 1
             assert ("geopackage buildings (wait)" in steps[0]) == (mode != "driver")
             assert ("changes (wait)" in steps[0]) == (mode != "driver")
+            assert ("workbook (wait)" in steps[0]) == (mode != "driver")
             assert ("snapshot" in steps[0]) == (mode == "chained" or mode != "driver" and run == 2)
             outputs[mode] = report_outputs(base, run_id)
         a = outputs["driver"]
