@@ -259,31 +259,29 @@ def rekey(snap: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str], keys: np.ndarray | None = None
-             ) -> gpd.GeoDataFrame:
-    """What the next run compares against: identity, type, capacity, footprint.
+def snapshot(buildings: pd.DataFrame, no_id: set[str], keys: np.ndarray) -> pd.DataFrame:
+    """What the next run compares against: identity, type, capacity, footprint key.
 
     Parameters
     ----------
-    buildings : GeoDataFrame
-        The yield stage's buildings (at least :data:`SNAPSHOT_INPUT_COLUMNS`);
-        a DataFrame without footprints when ``keys`` are given.
+    buildings : DataFrame
+        The yield stage's buildings, without footprints (at least
+        :data:`SNAPSHOT_INPUT_COLUMNS` but the geometry), the rows of the
+        yield file in its order.
     no_id : set of str
         The sources without ids (:func:`sources_without_id`).
-    keys : ndarray of str, optional
-        :func:`geometry_keys` of the footprints, computed elsewhere
+    keys : ndarray of str
+        :func:`geometry_keys` of the footprints, computed where they are read
         (:class:`pipeline.footprints.Footprints`).
 
     Returns
     -------
-    GeoDataFrame
-        :data:`SNAPSHOT_COLUMNS` and the geometry; without footprints in
-        ``buildings``, a DataFrame of the columns only (:func:`write_snapshot`
-        takes them from the yield file).
+    DataFrame
+        :data:`SNAPSHOT_COLUMNS`; :func:`write_snapshot` adds the footprints
+        from the yield file.
     """
-    gk = keys if keys is not None else geometry_keys(buildings.geometry)
-    out = pd.DataFrame({
-        "building_key": building_keys(buildings, no_id, gk),
+    return pd.DataFrame({
+        "building_key": building_keys(buildings, no_id, keys),
         "building_id": buildings["building_id"].astype(str).to_numpy(),
         "source": buildings["source"].astype(str).to_numpy(),
         "district_name": buildings["district_name"].astype(object).to_numpy(),
@@ -291,12 +289,9 @@ def snapshot(buildings: gpd.GeoDataFrame, no_id: set[str], keys: np.ndarray | No
         "capacity_kwp": buildings["capacity_kwp"].to_numpy(dtype=float),
         "energy_mwh_per_year": np.nan_to_num(
             buildings["energy_mwh_per_year"].to_numpy(dtype=float)),
-        "geometry_key": gk,
+        "geometry_key": keys,
         "geometry_key_version": np.full(len(buildings), GEOMETRY_KEY_VERSION, dtype="int16"),
     })
-    if not isinstance(buildings, gpd.GeoDataFrame):
-        return out
-    return gpd.GeoDataFrame(out, geometry=buildings.geometry.to_numpy(), crs=buildings.crs)
 
 
 def sources_without_id(cfg: PipelineConfig) -> set[str]:
@@ -602,26 +597,24 @@ class BuildingChanges:
     previous_districts: pd.DataFrame | None
 
 
-def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
-                     run_dir: Path | None, src: Path | None = None, crs: Any = None
-                     ) -> BuildingChanges:
+def building_changes(current: pd.DataFrame, previous_dir: Path | None,
+                     run_dir: Path | None, src: Path, crs: Any) -> BuildingChanges:
     """Compare this run's building snapshot with the previous run's and store it.
 
     Parameters
     ----------
-    current : GeoDataFrame
-        This run's :func:`snapshot`.
+    current : DataFrame
+        This run's :func:`snapshot` (no footprints).
     previous_dir : Path or None
         Folder of the previous run that wrote outputs (None: first run).
     run_dir : Path or None
         This run's folder, where the snapshot is written (atomically; None:
-        not in a run, nothing written).
-    src : Path, optional
+        not in a run, nothing written, and nothing to compare with).
+    src : Path
         ``yield_buildings.parquet``, whose rows ``current`` are: the snapshot
         stores its footprints as they are stored there (:func:`write_snapshot`).
-        Required when ``current`` holds no footprints.
-    crs : optional
-        CRS of the footprints when ``current`` holds none.
+    crs : pyproj.CRS
+        CRS of the footprints.
 
     Returns
     -------
@@ -629,13 +622,11 @@ def building_changes(current: gpd.GeoDataFrame, previous_dir: Path | None,
     """
     from pipeline.runs import SNAPSHOT_BUILDINGS
 
-    written = write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src) if run_dir else None
-    if not isinstance(current, gpd.GeoDataFrame):  # footprints as just written, the file's WKB
-        if written is not None:
-            current = _wkb_frame(written)
-        elif previous_dir is not None:
-            raise ValueError("building_changes: a snapshot without footprints is compared "
-                             "only once written (run_dir)")
+    if run_dir is not None:  # compared with its footprints as just written, the file's WKB
+        current = _wkb_frame(write_snapshot(current, run_dir / SNAPSHOT_BUILDINGS, src))
+    elif previous_dir is not None:
+        raise ValueError("building_changes: a snapshot without footprints is compared "
+                         "only once written (run_dir)")
     return compare_snapshots(current, previous_dir, crs)
 
 
@@ -784,21 +775,21 @@ def building_changes_from_snapshot(path: str, previous_dir: str | None, crs: Any
                              Path(previous_dir) if previous_dir else None, crs)
 
 
-def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, src: Path,
-                            footprints: Any = None) -> tuple:
+def snapshot_for_comparison(buildings: pd.DataFrame, cfg: PipelineConfig, src: Path,
+                            footprints: Any) -> tuple:
     """Write this run's snapshot into its run folder, for a second process to compare.
 
     Parameters
     ----------
-    buildings : GeoDataFrame
+    buildings : DataFrame
         The yield stage's buildings, the rows of ``src`` in its order.
     cfg : PipelineConfig
         The configuration.
     src : Path
         ``yield_buildings.parquet`` (its stored WKB is written, :func:`write_snapshot`).
-    footprints : Footprints, optional
-        The buildings' footprints on disk (:mod:`pipeline.footprints`), when
-        ``buildings`` holds none: their keys and CRS.
+    footprints : Footprints
+        The buildings' footprints on disk (:mod:`pipeline.footprints`): their
+        keys and CRS.
 
     Returns
     -------
@@ -809,10 +800,8 @@ def snapshot_for_comparison(buildings: gpd.GeoDataFrame, cfg: PipelineConfig, sr
 
     previous_dir, run_dir = run_dirs()
     path = run_dir / SNAPSHOT_BUILDINGS
-    keys = footprints.keys if footprints is not None else None
-    write_snapshot(snapshot(buildings, sources_without_id(cfg), keys), path, src)
-    crs = footprints.crs if footprints is not None else buildings.crs
-    return (str(path), str(previous_dir) if previous_dir else None, crs)
+    write_snapshot(snapshot(buildings, sources_without_id(cfg), footprints.keys), path, src)
+    return (str(path), str(previous_dir) if previous_dir else None, footprints.crs)
 
 
 def building_changes_args(cfg: PipelineConfig, src: Path) -> tuple:

@@ -184,8 +184,8 @@ def building_plan_args(cfg: object, raw: gpd.GeoDataFrame | None,
 
 def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
                    towns: gpd.GeoDataFrame | None, power_density_w_per_m2: float,
-                   min_array_area_m2: float, factor_t_co2_per_mwh: float
-                   ) -> gpd.GeoDataFrame:
+                   min_array_area_m2: float, factor_t_co2_per_mwh: float,
+                   pairs: pd.DataFrame | None = None) -> gpd.GeoDataFrame:
     """Kernel: the report's per-building columns (existing PV, CO2, town).
 
     The report's ``buildings`` layer is the yield stage's buildings with
@@ -207,6 +207,8 @@ def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
         Smallest array left on a roof after existing PV [m2].
     factor_t_co2_per_mwh : float
         Grid emission factor [t/MWh].
+    pairs : DataFrame, optional
+        :func:`pipeline.targets.pv_roof_pairs` of ``part``, when already computed.
 
     Returns
     -------
@@ -217,7 +219,7 @@ def plan_buildings(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame | None,
     """
     if systems is not None:
         part = tg.subtract_existing_pv(part, systems, power_density_w_per_m2,
-                                       min_array_area_m2)
+                                       min_array_area_m2, pairs)
     else:
         part = part.copy(deep=False)  # new columns only: the others are shared
         part["existing_pv_area_m2"] = 0.0
@@ -287,9 +289,10 @@ def plan_row_groups(buildings: pd.DataFrame, footprints: Footprints, args: tuple
     systems, density = args[0], args[2]
     done, pairs = [], []
     for part in with_footprints(buildings, footprints):
-        if systems is not None:
-            pairs.append(tg.pv_roof_pairs(part, systems, density))
-        out = plan_buildings(part, *args)
+        here = tg.pv_roof_pairs(part, systems, density) if systems is not None else None
+        if here is not None:
+            pairs.append(here)
+        out = plan_buildings(part, *args, here)
         done.append(pd.DataFrame(out.drop(columns=out.geometry.name)))
     return pd.concat(done), (pd.concat(pairs, ignore_index=True) if pairs else None)
 

@@ -361,8 +361,8 @@ def pv_roof_pairs(buildings: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
 
 
 def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
-                         power_density_w_per_m2: float, min_array_area_m2: float
-                         ) -> gpd.GeoDataFrame:
+                         power_density_w_per_m2: float, min_array_area_m2: float,
+                         pairs: pd.DataFrame | None = None) -> gpd.GeoDataFrame:
     """Kernel: take the roof area of existing or planned PV off the free roof.
 
     Parameters
@@ -377,6 +377,8 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
         Module power density [W/m2] (``roof.module_power_density_w_per_m2``).
     min_array_area_m2 : float
         Free area below this carries no new array [m2].
+    pairs : DataFrame, optional
+        :func:`pv_roof_pairs` of ``part``, when already computed.
 
     Returns
     -------
@@ -389,7 +391,8 @@ def subtract_existing_pv(part: gpd.GeoDataFrame, systems: gpd.GeoDataFrame,
     from pipeline.roof import capacity_kwp
 
     out = part.copy()
-    pairs = pv_roof_pairs(out, systems, power_density_w_per_m2)
+    if pairs is None:
+        pairs = pv_roof_pairs(out, systems, power_density_w_per_m2)
     per = pairs.groupby("building")[["area_m2", "kwp"]].sum()
     taken = per["area_m2"].reindex(out.index, fill_value=0.0).to_numpy(dtype=float)
     out["existing_pv_area_m2"] = taken
