@@ -57,7 +57,7 @@ from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
 from pipeline.roof_report import roof_sections
-from pipeline.runs import check_geopackage
+from pipeline.runs import check_geopackage, current, sha256_soon
 
 log = logging.getLogger(__name__)
 
@@ -792,6 +792,8 @@ def _report(cfg: PipelineConfig, base_dir: Path, config_path: Path, src: Path,
     layers, options = dv.geopackage_layers(layers, cfg.plan.report_top_n, fields)
     write_layers(gpkg, {k: v for k, v in layers.items()
                         if k not in written and k != "buildings"}, options, metadata_items(prov))
+    if current() is not None:  # for the run record, hashed beside the check (the file is final)
+        sha256_soon(gpkg)
     check_geopackage(gpkg)  # PRAGMA quick_check before it replaces the old one
     step("geopackage changes")
     if second.workbook is not None:

@@ -11,12 +11,14 @@ exactly those 3 roofs and a delta of 3 x the capacity of an existing one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -374,6 +376,72 @@ def test_kept_output_is_a_copy_not_a_link(tmp_path, monkeypatch):
         f.write(b"XX")
     assert (tmp_path / "kept_True.gpkg").read_bytes()[:2] == b"v1"
     assert (tmp_path / "kept_False.gpkg").read_bytes()[:2] == b"v1"
+
+
+def test_sha256_soon_hashes_the_file_as_it_was_asked_for_and_follows_renames(tmp_path):
+    """The digest is that of the content when asked, also if the file is replaced before the
+    hashing thread gets to it; a temporary file renamed into place is not hashed again."""
+    path = tmp_path / "stage.parquet"
+    path.write_bytes(b"first" * 1000)
+    release = threading.Event()
+    pool = runs._HASH_POOL[0] if runs._HASH_POOL else None
+    if pool is None:  # start the pool
+        runs.sha256_file(runs.__file__)
+        pool = runs._HASH_POOL[0]
+    busy = [pool.submit(release.wait) for _ in range(runs.HASH_THREADS)]  # hold every thread
+    try:
+        future = runs.sha256_soon(path)
+        assert not future.done()
+        new = tmp_path / ".stage.parquet.part"
+        new.write_bytes(b"second" * 1000)
+        os.replace(new, path)  # as pipeline.io.atomic_path replaces a stage's output
+    finally:
+        release.set()
+    assert all(b.result() for b in busy)
+    assert future.result() == hashlib.sha256(b"first" * 1000).hexdigest()
+    assert runs.sha256_file(path) == hashlib.sha256(b"second" * 1000).hexdigest()
+    tmp = tmp_path / ".report.gpkg.part"
+    tmp.write_bytes(b"report" * 1000)
+    before = runs.sha256_soon(tmp)
+    final = tmp_path / "report.gpkg"
+    os.replace(tmp, final)
+    assert runs.sha256_soon(final) is before  # same file: remembered, not hashed again
+    assert before.result() == hashlib.sha256(b"report" * 1000).hexdigest()
+
+
+@pytest.mark.slow
+def test_failed_run_stamps_the_stages_that_ran_before_it(tiny, monkeypatch):
+    """Stamps are written in the background while the next stage runs: a failure there
+    still leaves the earlier stages stamped and recorded, and a rerun skips them."""
+    base, config = tiny
+    from pipeline import shading
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("shading stage failed on purpose")
+
+    monkeypatch.setattr(shading, "run", fail)
+    assert run_cli(base, config) == runs.EXIT_FAILED
+    (failed,) = manifests(base)
+    assert failed["status"] == "failed" and "on purpose" in failed["error"]
+    assert list(failed["stages"]) == ["ingest", "classify", "roof"]
+    proc = base / "data/processed"
+    for stage, entry in failed["stages"].items():
+        stamp = json.loads((proc / runs.STAMPS_DIR / f"{stage}.json").read_text())
+        assert entry["status"] == "ran" and len(entry["key"]) == 64
+        assert stamp["key"] == entry["key"] and stamp["run_id"] == failed["run_id"]
+        assert stamp["outputs"] == entry["outputs"] and entry["outputs"]
+        for name, digest in entry["outputs"].items():
+            assert hashlib.sha256((proc / name).read_bytes()).hexdigest() == digest
+        for name, digest in entry["inputs"].items():
+            assert failed["inputs"][name] == digest
+    assert failed["stages"]["classify"]["inputs"]["data/processed/ingest_buildings.parquet"] \
+        == failed["stages"]["ingest"]["outputs"]["ingest_buildings.parquet"]
+    assert not (proc / runs.STAMPS_DIR / "shading.json").exists()
+    monkeypatch.undo()
+    assert run_cli(base, config, "--if-changed") == 0
+    status = {s: e["status"] for s, e in manifests(base)[-1]["stages"].items()}
+    assert status == {"ingest": "up to date", "classify": "up to date", "roof": "up to date",
+                      "shading": "ran", "yield": "ran", "report": "ran"}
 
 
 def test_partition_cache_computes_only_changed_partitions(tmp_path):
