@@ -12,7 +12,8 @@ memory (summed RSS of the process and all its children, sampled every
   speed-up (``--speedup-sizes``).
 
 It prints wall time, buildings per second, the pipeline / I/O floor ratio,
-the time of each stage (from the pipeline's log) and the peak RSS, and
+the time of each stage (from the pipeline's log) and outside them (process
+start, imports, run records) and the peak RSS, and
 writes the same numbers to ``data/bench/results.json``. With ``--repeat R``
 each measurement runs R times and the medians are reported.
 
@@ -157,7 +158,10 @@ def run_size(n: int, speedup: bool, scheduler: str, repeat: int = 1) -> dict:
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
             "stages": {name: statistics.median(r["stages"].get(name, float("nan"))
                                                for r in runs)
-                       for name in runs[0]["stages"]}}
+                       for name in runs[0]["stages"]},
+            # process start, imports, run records and hashing between the stages
+            "outside_stages_s": statistics.median(r["seconds"] - sum(r["stages"].values())
+                                                  for r in runs)}
     p2 = res["pipeline_2w"]["seconds"]
     res["buildings_per_s"] = n / p2
     res["ratio_pipeline_io_floor"] = p2 / res["io_floor_s"]
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         if "speedup_2w_over_1w" in r:
             line += (f"  1 worker {r['pipeline_1w']['seconds']:.1f} s, speed-up "
                      f"{r['speedup_2w_over_1w']:.2f}")
-        print(line + "\n    stages (2 workers): " + stages, flush=True)
+        print(line + "\n    stages (2 workers): " + stages
+              + f"  outside the stages {p['outside_stages_s']:.1f}s", flush=True)
         if "pipeline_1w" in r:
             one = r["pipeline_1w"]["stages"]
             print("    stages (1 worker):  " + "  ".join(
