@@ -75,7 +75,7 @@ $(PROC)/classify_buildings.parquet $(PROC)/classify_evaluation.md &: \
 
 roof: $(PROC)/roof_buildings.parquet
 $(PROC)/roof_buildings.parquet: $(PROC)/classify_buildings.parquet pipeline/roof.py \
-		pipeline/heights.py $(SAMPLE_STAMP) $(COMMON)
+		pipeline/heights.py pipeline/footprints.py pipeline/changes.py $(SAMPLE_STAMP) $(COMMON)
 	$(RUN) --stage roof
 
 shading: $(PROC)/shading_buildings.parquet

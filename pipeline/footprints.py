@@ -20,11 +20,17 @@ keys            -     :func:`pipeline.changes.geometry_keys` of the footprint
 bounds          m     minx, miny, maxx, maxy
 centroids       m     x, y of the centroid (read on first use)
 ==============  ====  =====================================================
+
+The roof stage, which has the footprints decoded, writes the keys and bounds
+as :data:`FOOTPRINT_SUMMARY_COLUMNS`; a file with them is scanned by reading those five
+columns (checked against its first row group's footprints) instead of
+decoding every footprint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,6 +42,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+
+log = logging.getLogger(__name__)
+
+#: Per-building columns of a footprint's summary (:func:`summary_columns`): the roof stage
+#: writes them, the report's scan reads them; not in the final outputs.
+FOOTPRINT_SUMMARY_COLUMNS = ("footprint_key", "footprint_minx_m", "footprint_miny_m",
+                   "footprint_maxx_m", "footprint_maxy_m")
+
+
+def summary_columns(geoms: np.ndarray) -> dict[str, np.ndarray]:
+    """What :meth:`Footprints.scan` keeps of each footprint, as :data:`FOOTPRINT_SUMMARY_COLUMNS`.
+
+    Parameters
+    ----------
+    geoms : ndarray of shapely geometries
+        Footprints in a metric CRS [m].
+
+    Returns
+    -------
+    dict
+        ``footprint_key`` (:func:`pipeline.changes.geometry_keys`) and the
+        bounds ``footprint_minx_m`` ... ``footprint_maxy_m`` [m] (NaN where
+        missing or empty).
+    """
+    from pipeline.changes import geometry_keys
+
+    geoms = np.asarray(geoms, dtype=object)
+    bounds = shapely.bounds(geoms).reshape(len(geoms), 4)
+    out = {FOOTPRINT_SUMMARY_COLUMNS[0]: geometry_keys(gpd.GeoSeries(geoms))}
+    for k, name in enumerate(FOOTPRINT_SUMMARY_COLUMNS[1:]):
+        out[name] = bounds[:, k]
+    return out
 
 
 @dataclass(frozen=True)
@@ -78,7 +116,6 @@ class Footprints:
         -------
         Footprints
         """
-        from pipeline.changes import geometry_keys
         from pipeline.stream import cached_crs
 
         pf = pq.ParquetFile(path)
@@ -89,10 +126,31 @@ class Footprints:
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         n = int(starts[-1])
         out = cls(Path(path), name, crs, starts, np.empty(n, dtype=object), np.empty((n, 4)))
+        # written by the roof stage
+        if set(FOOTPRINT_SUMMARY_COLUMNS) <= set(pf.schema_arrow.names):
+            table = pf.read(columns=list(FOOTPRINT_SUMMARY_COLUMNS))
+            out.keys[:] = table.column(FOOTPRINT_SUMMARY_COLUMNS[0]).to_numpy(zero_copy_only=False)
+            for k, col in enumerate(FOOTPRINT_SUMMARY_COLUMNS[1:]):
+                out.bounds[:, k] = table.column(col).to_numpy(zero_copy_only=False)
+            if out._summary_matches_first_group():
+                return out
+            log.warning("%s: its columns %s do not match its footprints (written by another "
+                        "version?); computed from the footprints", path,
+                        ", ".join(FOOTPRINT_SUMMARY_COLUMNS))
         for rows, geoms in out.row_groups():
-            out.keys[rows] = geometry_keys(gpd.GeoSeries(geoms, crs=crs))
-            out.bounds[rows] = shapely.bounds(geoms)
+            summary = summary_columns(geoms)
+            out.keys[rows] = summary[FOOTPRINT_SUMMARY_COLUMNS[0]]
+            out.bounds[rows] = np.column_stack([summary[c] for c in FOOTPRINT_SUMMARY_COLUMNS[1:]])
         return out
+
+    def _summary_matches_first_group(self) -> bool:
+        """Whether the first row group's stored keys and bounds are its footprints'."""
+        for rows, geoms in self.row_groups():
+            summary = summary_columns(geoms)
+            bounds = np.column_stack([summary[c] for c in FOOTPRINT_SUMMARY_COLUMNS[1:]])
+            return bool(np.array_equal(summary[FOOTPRINT_SUMMARY_COLUMNS[0]], self.keys[rows])
+                        and np.array_equal(bounds, self.bounds[rows], equal_nan=True))
+        return True  # no row groups
 
     @cached_property
     def centroids(self) -> np.ndarray:

@@ -106,6 +106,11 @@ GLOSSARY: dict[str, str] = {
     **{f"rect_c{k}{a}_m": f"corner {k} {w} of the footprint's minimum rotated rectangle, "
        "the shading obstacle (roof stage; not in the final outputs) [m]"
        for k in range(4) for a, w in (("x", "easting"), ("y", "northing"))},
+    "footprint_key": "change-detection key of the footprint (roof stage, for the report; "
+    "not in the final outputs)",
+    **{f"footprint_{b}_m": f"footprint bounds, {w} (roof stage, for the report; not in the "
+       "final outputs) [m]"
+       for b, w in (("minx", "west"), ("miny", "south"), ("maxx", "east"), ("maxy", "north"))},
     # shading
     "horizon_max_deg": "highest horizon elevation of taller neighbours seen from the roof "
     "[deg]",

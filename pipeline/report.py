@@ -54,6 +54,7 @@ import shapely
 
 from pipeline import changes, parallel
 from pipeline.config import PipelineConfig, PolicyConfig, TargetConfig
+from pipeline.footprints import FOOTPRINT_SUMMARY_COLUMNS
 from pipeline.ingest import load_districts
 from pipeline.io import atomic_path
 from pipeline.roof_report import roof_sections
@@ -394,6 +395,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     pf = pq.ParquetFile(src)
     geo = json.loads(pf.metadata.metadata[b"geo"])
     name = geo["primary_column"]
+    columns = [c for c in pf.schema_arrow.names if c not in FOOTPRINT_SUMMARY_COLUMNS]
     if plan_args[0] is not None:  # existing PV: a pass over all footprints first
         footprints = (read_partition(Path(src), [i], columns=["building_id", name])
                       for i in range(pf.metadata.num_row_groups))
@@ -409,14 +411,14 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal rows
         for group in groups:
-            table = pf.read_row_groups(group) if attributes_only else None
+            table = pf.read_row_groups(group, columns=columns) if attributes_only else None
             multi = multipolygon_wkb(table.column(name)) if table is not None else None
             if multi is not None:
                 part = table.drop_columns([name]).to_pandas()
                 part.index = pd.RangeIndex(rows, rows + len(part))
                 part = plan_buildings(part, *plan_args)
             else:
-                part = read_partition(Path(src), group)
+                part = read_partition(Path(src), group, columns=columns)
                 part.index = pd.RangeIndex(rows, rows + len(part))
                 part, _ = _layer_geometry(plan_buildings(part, *plan_args), polygonal)
                 multi = pa.array(shapely.to_wkb(np.asarray(part.geometry.array)), pa.binary())
@@ -831,9 +833,11 @@ def report_columns(src: Path) -> list[str]:
     -------
     list of str
         Its columns in file order (with the geometry), without
-        :data:`BUILDINGS_LAYER_ONLY_COLUMNS`.
+        :data:`BUILDINGS_LAYER_ONLY_COLUMNS` and the footprints' summaries
+        (:data:`pipeline.footprints.FOOTPRINT_SUMMARY_COLUMNS`, read by the scan).
     """
-    return [c for c in pq.read_schema(src).names if c not in BUILDINGS_LAYER_ONLY_COLUMNS]
+    return [c for c in pq.read_schema(src).names
+            if c not in BUILDINGS_LAYER_ONLY_COLUMNS and c not in FOOTPRINT_SUMMARY_COLUMNS]
 
 
 def layer_fields(src: Path, buildings: pd.DataFrame) -> list[str]:
@@ -849,9 +853,10 @@ def layer_fields(src: Path, buildings: pd.DataFrame) -> list[str]:
     Returns
     -------
     list of str
-        The file's columns, then the ones the plan adds, without the geometry.
+        The file's columns, then the ones the plan adds, without the geometry
+        and the footprints' summaries.
     """
-    names = pq.read_schema(src).names
+    names = [c for c in pq.read_schema(src).names if c not in FOOTPRINT_SUMMARY_COLUMNS]
     return [c for c in [*names, *(c for c in buildings.columns if c not in names)]
             if c != "geometry"]
 

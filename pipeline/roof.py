@@ -65,6 +65,11 @@ centroid_y_m
 rect_c0x_m ...           m       corners of the minimum rotated rectangle, the
 rect_c3y_m                       shading stage's obstacle (it drops the centroid
                                  and corner columns from its output)
+footprint_key            -       change-detection key of the footprint, and ...
+footprint_minx_m ...     m       ... its bounds: what the report keeps of every
+footprint_maxy_m                 footprint (:mod:`pipeline.footprints`), computed
+                                 here where the footprints are decoded; not in
+                                 the final outputs
 =======================  ======  ===============================================
 """
 
@@ -81,6 +86,7 @@ import pandas as pd
 import shapely
 
 from pipeline.config import PipelineConfig, PolicyConfig, RoofConfig
+from pipeline.footprints import summary_columns
 from pipeline.heights import HeightsConfig, building_heights, raster_index
 from pipeline.shading import obstacle_columns
 from pipeline.stream import map_file
@@ -679,6 +685,8 @@ def roof_potential(part: gpd.GeoDataFrame, roof: RoofConfig, policy: PolicyConfi
     out["unsuitable_reason"] = pd.Series(np.where(usable > 0, None, reason), index=out.index,
                                          dtype="object")
     for col, values in obstacle_columns(geoms, rect, cent).items():
+        out[col] = values
+    for col, values in summary_columns(geoms).items():
         out[col] = values
     return out
 

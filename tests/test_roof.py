@@ -338,3 +338,10 @@ def test_roof_writes_the_obstacle_columns_of_its_footprints():
         np.testing.assert_array_equal(out[col].to_numpy(), ref[col])
     np.testing.assert_allclose(out["centroid_x_m"], [X0 + 20, X0 + 115])
     np.testing.assert_allclose(out["centroid_y_m"], [Y0 + 12.5, Y0 + 6])
+    # and the footprints' summaries, which the report reads instead of decoding them
+    from pipeline.changes import geometry_keys
+
+    assert out["footprint_key"].tolist() == list(geometry_keys(b.geometry))
+    np.testing.assert_array_equal(out[["footprint_minx_m", "footprint_miny_m",
+                                       "footprint_maxx_m", "footprint_maxy_m"]].to_numpy(),
+                                  [[X0, Y0, X0 + 40, Y0 + 25], [X0 + 100, Y0, X0 + 130, Y0 + 12]])

@@ -267,3 +267,45 @@ def test_footprints_on_disk_summarise_and_read_back_the_file(tmp_path):
     assert 0 < len(expect) < 40
     assert fp.window(xmin, ymin, xmin + 400, ymin + 500).tolist() == expect.tolist()
     assert fp.window(0, 0, 1, 1).tolist() == []
+
+
+def test_footprints_scan_reads_the_roof_stage_summaries_and_checks_them(tmp_path, monkeypatch,
+                                                                      caplog):
+    """A file with the summary columns is scanned from them, with only its first row group
+    decoded; summaries that do not match its footprints are recomputed, with a warning."""
+    from shapely.geometry import Polygon
+
+    from pipeline import footprints as fpm
+    from pipeline.footprints import FOOTPRINT_SUMMARY_COLUMNS, Footprints, summary_columns
+
+    gdf = buildings(40)
+    gdf.loc[5, "geometry"] = None
+    gdf.loc[9, "geometry"] = Polygon()
+    write_row_groups(gdf, tmp_path / "plain.parquet", 7)
+    plain = Footprints.scan(tmp_path / "plain.parquet")
+    summary = summary_columns(gdf.geometry.to_numpy())
+    assert summary["footprint_key"][5] == "none" and summary["footprint_key"][9] == "empty"
+    assert np.isnan(summary["footprint_minx_m"][[5, 9]]).all()
+    # by hand: building 0 is box(x, y, x + 10, y + 20)
+    x0, y0 = gdf.geometry.iloc[0].bounds[:2]
+    assert [summary[c][0] for c in FOOTPRINT_SUMMARY_COLUMNS[1:]] == [x0, y0, x0 + 10, y0 + 20]
+    with_cols = gdf.assign(**summary)
+    write_row_groups(with_cols, tmp_path / "roof.parquet", 7)
+    decoded = []
+    real = fpm._decode
+    monkeypatch.setattr(fpm, "_decode", lambda wkb: decoded.append(len(wkb)) or real(wkb))
+    fp = Footprints.scan(tmp_path / "roof.parquet")
+    assert decoded == [7]  # the check of the first row group only
+    assert list(fp.keys) == list(plain.keys)
+    np.testing.assert_array_equal(fp.bounds, plain.bounds)
+    # summaries of other footprints (a file written by another version): recomputed
+    stale = with_cols.copy()
+    stale.loc[3, "footprint_key"] = "0123456789abcdef"
+    write_row_groups(stale, tmp_path / "stale.parquet", 7)
+    decoded.clear()
+    with caplog.at_level("WARNING", logger="pipeline.footprints"):
+        fp = Footprints.scan(tmp_path / "stale.parquet")
+    assert "do not match its footprints" in caplog.text
+    assert decoded == [7] + [7, 7, 7, 7, 7, 5]
+    assert list(fp.keys) == list(plain.keys)
+    np.testing.assert_array_equal(fp.bounds, plain.bounds)
