@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 #: Per-building columns of a footprint's summary (:func:`summary_columns`): the roof stage
 #: writes them, the report's scan reads them; not in the final outputs.
 FOOTPRINT_SUMMARY_COLUMNS = ("footprint_key", "footprint_minx_m", "footprint_miny_m",
-                   "footprint_maxx_m", "footprint_maxy_m")
+                             "footprint_maxx_m", "footprint_maxy_m")
 
 
 def summary_columns(geoms: np.ndarray) -> dict[str, np.ndarray]:
@@ -66,14 +66,16 @@ def summary_columns(geoms: np.ndarray) -> dict[str, np.ndarray]:
         bounds ``footprint_minx_m`` ... ``footprint_maxy_m`` [m] (NaN where
         missing or empty).
     """
+    keys, bounds = _keys_and_bounds(np.asarray(geoms, dtype=object))
+    return {FOOTPRINT_SUMMARY_COLUMNS[0]: keys,
+            **{name: bounds[:, k] for k, name in enumerate(FOOTPRINT_SUMMARY_COLUMNS[1:])}}
+
+
+def _keys_and_bounds(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Change-detection keys and bounds, shape (n, 4) [m], of decoded footprints."""
     from pipeline.changes import geometry_keys
 
-    geoms = np.asarray(geoms, dtype=object)
-    bounds = shapely.bounds(geoms).reshape(len(geoms), 4)
-    out = {FOOTPRINT_SUMMARY_COLUMNS[0]: geometry_keys(gpd.GeoSeries(geoms))}
-    for k, name in enumerate(FOOTPRINT_SUMMARY_COLUMNS[1:]):
-        out[name] = bounds[:, k]
-    return out
+    return geometry_keys(gpd.GeoSeries(geoms)), shapely.bounds(geoms).reshape(len(geoms), 4)
 
 
 @dataclass(frozen=True)
@@ -138,17 +140,14 @@ class Footprints:
                         "version?); computed from the footprints", path,
                         ", ".join(FOOTPRINT_SUMMARY_COLUMNS))
         for rows, geoms in out.row_groups():
-            summary = summary_columns(geoms)
-            out.keys[rows] = summary[FOOTPRINT_SUMMARY_COLUMNS[0]]
-            out.bounds[rows] = np.column_stack([summary[c] for c in FOOTPRINT_SUMMARY_COLUMNS[1:]])
+            out.keys[rows], out.bounds[rows] = _keys_and_bounds(geoms)
         return out
 
     def _summary_matches_first_group(self) -> bool:
         """Whether the first row group's stored keys and bounds are its footprints'."""
         for rows, geoms in self.row_groups():
-            summary = summary_columns(geoms)
-            bounds = np.column_stack([summary[c] for c in FOOTPRINT_SUMMARY_COLUMNS[1:]])
-            return bool(np.array_equal(summary[FOOTPRINT_SUMMARY_COLUMNS[0]], self.keys[rows])
+            keys, bounds = _keys_and_bounds(geoms)
+            return bool(np.array_equal(keys, self.keys[rows])
                         and np.array_equal(bounds, self.bounds[rows], equal_nan=True))
         return True  # no row groups
 

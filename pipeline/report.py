@@ -395,7 +395,7 @@ def write_buildings_layer(src: str, dst: str, plan_args: tuple, layer_options: d
     pf = pq.ParquetFile(src)
     geo = json.loads(pf.metadata.metadata[b"geo"])
     name = geo["primary_column"]
-    columns = [c for c in pf.schema_arrow.names if c not in FOOTPRINT_SUMMARY_COLUMNS]
+    columns = _layer_columns(src)
     if plan_args[0] is not None:  # existing PV: a pass over all footprints first
         footprints = (read_partition(Path(src), [i], columns=["building_id", name])
                       for i in range(pf.metadata.num_row_groups))
@@ -836,8 +836,15 @@ def report_columns(src: Path) -> list[str]:
         :data:`BUILDINGS_LAYER_ONLY_COLUMNS` and the footprints' summaries
         (:data:`pipeline.footprints.FOOTPRINT_SUMMARY_COLUMNS`, read by the scan).
     """
-    return [c for c in pq.read_schema(src).names
-            if c not in BUILDINGS_LAYER_ONLY_COLUMNS and c not in FOOTPRINT_SUMMARY_COLUMNS]
+    return [c for c in _layer_columns(src) if c not in BUILDINGS_LAYER_ONLY_COLUMNS]
+
+
+def _layer_columns(src: Path) -> list[str]:
+    """The yield file's columns but the footprints' summaries (the geometry included).
+
+    :data:`pipeline.footprints.FOOTPRINT_SUMMARY_COLUMNS` are read by the footprint scan.
+    """
+    return [c for c in pq.read_schema(src).names if c not in FOOTPRINT_SUMMARY_COLUMNS]
 
 
 def layer_fields(src: Path, buildings: pd.DataFrame) -> list[str]:
@@ -856,7 +863,7 @@ def layer_fields(src: Path, buildings: pd.DataFrame) -> list[str]:
         The file's columns, then the ones the plan adds, without the geometry
         and the footprints' summaries.
     """
-    names = [c for c in pq.read_schema(src).names if c not in FOOTPRINT_SUMMARY_COLUMNS]
+    names = _layer_columns(src)
     return [c for c in [*names, *(c for c in buildings.columns if c not in names)]
             if c != "geometry"]
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -441,16 +442,13 @@ def stage_key_soon(cfg: PipelineConfig, stage: str, base_dir: Path, config_path:
     if sections:
         dump = {k: dump[k] for k in sections}
     code = code_hash()
-    done: list[tuple[str, dict[str, str]]] = []
 
+    @functools.cache
     def key() -> tuple[str, dict[str, str]]:
-        if not done:
-            hashed = {name: f.result() for name, f in files.items()}
-            parts = {"stage": stage, "config": dump, "code": code,
-                     "inputs": sorted(hashed.items())}
-            text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
-            done.append((hashlib.sha256(text.encode()).hexdigest(), hashed))
-        return done[0]
+        hashed = {name: f.result() for name, f in files.items()}
+        parts = {"stage": stage, "config": dump, "code": code, "inputs": sorted(hashed.items())}
+        text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode()).hexdigest(), hashed
 
     return key
 
